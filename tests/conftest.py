@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests that need ../shared skip cleanly where it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DPUNET_SHARED", REPO.parent / "shared"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test when it is not there."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not available")
+    return p
+
+
+@pytest.fixture
+def hippocampus_dir() -> Path:
+    return shared_path("data", "Task04_Hippocampus")
+
+
+@pytest.fixture
+def dpunet_env(tmp_path, monkeypatch) -> dict[str, Path]:
+    """DPUNET_RAW/PREPROCESSED/RESULTS pointing into a fresh temporary folder."""
+    roots = {}
+    for key in ("raw", "preprocessed", "results"):
+        roots[key] = tmp_path / key
+        roots[key].mkdir()
+        monkeypatch.setenv(f"DPUNET_{key.upper()}", str(roots[key]))
+    return roots
