@@ -4,6 +4,9 @@ Conventions (as nnU-Net's SimpleITKIO): arrays are in SimpleITK's numpy order (z
 that same axis order; `origin` and `direction` stay in ITK's physical (x, y, z) order so an image written back
 lands exactly where it came from. A 4D MSD image (x, y, z, c) is read as channels-first (c, z, y, x); its
 3D geometry is the first three ITK axes. 2D data are stored as 3D NIfTI with a single z slice.
+
+Caution: SimpleITK's NIfTI reader returns NaN/Inf voxels as 0 and reads a truncated .nii.gz without error
+(missing voxels become 0); dpunet.dataset.verify checks the stored data independently for both.
 """
 from __future__ import annotations
 
@@ -143,6 +146,8 @@ def write_segmentation(seg: np.ndarray, geometry: Geometry, path: str | Path) ->
 def write_image(image: np.ndarray, geometry: Geometry, path: str | Path) -> None:
     """Write a (z, y, x) or (c, z, y, x) float image; several channels become one 4D MSD-style file."""
     image = np.asarray(image)
+    if image.ndim not in (3, 4) or tuple(image.shape[-3:]) != tuple(geometry.shape):
+        raise DpunetError(f"{path}: image shape {image.shape} does not match geometry {geometry.shape}")
     if image.ndim == 4 and image.shape[0] == 1:
         image = image[0]
     if image.ndim == 3:

@@ -94,6 +94,10 @@ def load_task(folder: str | Path) -> TaskInfo:
     if sorted(channels) != list(range(len(channels))):
         raise DpunetError(f"{path}: modality keys must be 0..n-1, got {sorted(channels)}")
     ignore = d.get("ignore_label")
+    for key in ("ignore_label", "background_label"):
+        value = d.get(key)
+        if value is not None and (isinstance(value, (bool, float)) or not str(value).strip().isdigit()):
+            raise DpunetError(f"{path}: '{key}' must be an integer label value or null, got {value!r}")
     if ignore is not None and int(ignore) not in labels:
         raise DpunetError(f"{path}: ignore_label {ignore} is not one of the labels {sorted(labels)}")
     background = d.get("background_label", 0 if 0 in labels else None)

@@ -46,7 +46,8 @@ class PatientBatch:
 class AccumulationStats:
     num_patients: int
     loss_sum: float  # sum over patients of each patient's mean patch loss
-    grad_norms: Tensor  # (B,) per-patient gradient norms before clipping (fp32, cpu)
+    grad_norms: Tensor  # (B,) per-patient gradient norms before clipping (fp32, cpu); NaN where an engine
+    # does not compute them (the non-private engine)
     num_clipped: int  # patients whose norm exceeded C
     num_nonfinite: int  # patients whose gradient held NaN/Inf: zeroed, not added
 
@@ -79,6 +80,25 @@ class GradientEngine(ABC):
 
     def close(self) -> None:
         """Remove hooks or other state the engine attached to the model."""
+
+
+def empty_stats() -> AccumulationStats:
+    """Stats of a micro-batch without patients (Poisson sampling may draw none)."""
+    return AccumulationStats(0, 0.0, torch.zeros(0), 0, 0)
+
+
+def per_patient_norms(per_patient_grads: Sequence[Tensor]) -> Tensor:
+    """Flat L2 norm over all parameters of each patient's gradient, in fp32: tensors are (B, *param.shape)."""
+    squares = [g.float().flatten(1).pow(2).sum(1) for g in per_patient_grads]
+    return torch.stack(squares, 0).sum(0).sqrt()
+
+
+def add_weighted_sum(summed_grad: Sequence[Tensor], per_patient_grads: Sequence[Tensor], factors: Tensor) -> None:
+    """summed_grad += sum_i factors[i] * g_i, in fp32. Non-finite entries are zeroed first, so a factor of 0
+    really removes a patient whose gradient holds NaN/Inf (NaN * 0 would still be NaN)."""
+    for acc, g in zip(summed_grad, per_patient_grads):
+        g32 = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        acc.add_(torch.tensordot(factors.to(device=g32.device, dtype=torch.float32), g32, dims=1))
 
 
 def clip_factors(norms: Tensor, clip_norm: float) -> Tensor:

@@ -1,0 +1,23 @@
+"""Segmentation networks built from plan data, their named variants, and DP fitness checks.
+
+    net = build_network(plans["configurations"]["2d"]["architecture"], in_channels, num_classes, True)
+    spec = apply_preset(planned_spec, "resenc_scalenorm", width_multiplier=2.0)
+"""
+from dpunet.architectures.presets import ARCHITECTURE_PRESETS, BASELINE_AXES, apply_preset
+from dpunet.architectures.registry import NETWORK_CLASSES, build_network, count_parameters, validate_for_dp
+from dpunet.architectures.unet import PlainConvUNet, ResidualEncoderUNet, UNetBase, UNetConfig, output_shapes
+
+__all__ = [
+    "ARCHITECTURE_PRESETS",
+    "BASELINE_AXES",
+    "NETWORK_CLASSES",
+    "PlainConvUNet",
+    "ResidualEncoderUNet",
+    "UNetBase",
+    "UNetConfig",
+    "apply_preset",
+    "build_network",
+    "count_parameters",
+    "output_shapes",
+    "validate_for_dp",
+]

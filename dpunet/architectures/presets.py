@@ -1,0 +1,115 @@
+"""Named architecture variants (`--arch NAME`): each one changes one axis of the planned network.
+
+A preset keeps the plan's topology (stages, kernels, strides, convs per stage, features) and sets the
+architecture axes of the design brief (section 5). Every preset except "planned" starts from the same
+baseline (plain U-Net, GroupNorm(8), LeakyReLU(0.01), strided-conv down-sampling, transposed-conv
+up-sampling, no weight standardisation) and changes what its name says, so that comparing a preset with
+"unet" isolates that axis.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from dpunet.utils.errors import DpunetError
+
+BASELINE_AXES: dict[str, Any] = {
+    "norm": "GroupNorm",
+    "norm_kwargs": {"num_groups": 8, "eps": 1e-5, "affine": True},
+    "nonlin": "LeakyReLU",
+    "nonlin_kwargs": {"negative_slope": 0.01},
+    "downsampling": "strided_conv",
+    "upsampling": "transposed_conv",
+    "weight_standardization": False,
+}
+
+# kwargs only ResidualEncoderUNet understands; dropped when a preset switches to the plain U-Net
+RESIDUAL_ONLY_KWARGS = ("scale_norm", "scale_norm_groups")
+
+
+def _preset(class_name: str | None, description: str, **changes: Any) -> dict[str, Any]:
+    kwargs = copy.deepcopy(BASELINE_AXES) if class_name is not None else {}
+    kwargs.update(changes)
+    return {"class_name": class_name, "kwargs": kwargs, "description": description}
+
+
+def _gn(groups: int) -> dict[str, Any]:
+    return {"num_groups": groups, "eps": 1e-5, "affine": True}
+
+
+ARCHITECTURE_PRESETS: dict[str, dict[str, Any]] = {
+    "planned": _preset(None, "the plan's architecture unchanged (only the width multiplier applies)"),
+    "unet": _preset("PlainConvUNet", "baseline: nnU-Net topology with GroupNorm(8) and LeakyReLU"),
+    "unet_in": _preset("PlainConvUNet", "norm axis: InstanceNorm (affine, no running stats), nnU-Net's own norm",
+                       norm="InstanceNorm", norm_kwargs={"eps": 1e-5, "affine": True}),
+    "unet_gn16": _preset("PlainConvUNet", "norm axis: GroupNorm with 16 groups", norm_kwargs=_gn(16)),
+    "unet_gn32": _preset("PlainConvUNet", "norm axis: GroupNorm with 32 groups", norm_kwargs=_gn(32)),
+    "unet_ws": _preset("PlainConvUNet", "weight-standardised convolutions (with GroupNorm(8))",
+                       weight_standardization=True),
+    "unet_mish": _preset("PlainConvUNet", "activation axis: Mish (smooth)", nonlin="Mish", nonlin_kwargs={}),
+    "unet_selu": _preset("PlainConvUNet", "activation axis: SELU (smooth, self-normalising)",
+                         nonlin="SELU", nonlin_kwargs={}),
+    "unet_maxpool": _preset("PlainConvUNet", "down-sampling axis: max pooling, then stride-1 convs",
+                            downsampling="maxpool"),
+    "unet_selu_maxpool": _preset("PlainConvUNet", "SmoothNet-inspired pair: SELU and max pooling",
+                                 nonlin="SELU", nonlin_kwargs={}, downsampling="maxpool"),
+    "unet_nearest": _preset("PlainConvUNet", "up-sampling axis: nearest up-sampling + 1x1 conv",
+                            upsampling="nearest_conv"),
+    "resenc": _preset("ResidualEncoderUNet", "residual encoder without ScaleNorm (ablation of resenc_scalenorm)",
+                      scale_norm=False),
+    "resenc_scalenorm": _preset("ResidualEncoderUNet", "residual encoder with ScaleNorm after each residual "
+                                "addition and skip concatenation (Klause et al. 2022)", scale_norm=True),
+}
+
+
+def _convs_to_blocks(n_conv: list[int]) -> list[int]:
+    # a residual block holds two convs: keep the number of encoder convs (not blocks) comparable
+    return [max(1, math.ceil(int(c) / 2)) for c in n_conv]
+
+
+def _blocks_to_convs(n_blocks: list[int]) -> list[int]:
+    return [2 * int(b) for b in n_blocks]
+
+
+def scale_features(features: list[int], width_multiplier: float, divisor: int) -> list[int]:
+    """Features times the multiplier, rounded to a positive multiple of `divisor`."""
+    return [max(divisor, int(round(f * width_multiplier / divisor)) * divisor) for f in features]
+
+
+def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float = 1.0) -> dict[str, Any]:
+    """A new architecture spec: the planned `arch_spec` with the preset's axes and widened features.
+
+    Switching between the plain and the residual U-Net maps convs per stage to residual blocks per stage
+    (ceil(convs/2); a block holds two convs) and back (2 per block). The features are multiplied by
+    `width_multiplier` and kept divisible by GroupNorm's group count. The result records "preset" and
+    "width_multiplier" next to class_name and kwargs."""
+    if preset not in ARCHITECTURE_PRESETS:
+        raise DpunetError(f"unknown architecture preset {preset!r}; known: {', '.join(ARCHITECTURE_PRESETS)}")
+    if not isinstance(arch_spec, dict) or "class_name" not in arch_spec or "kwargs" not in arch_spec:
+        raise DpunetError(f"architecture spec must have 'class_name' and 'kwargs', got {arch_spec!r}")
+    if not (isinstance(width_multiplier, (int, float)) and math.isfinite(width_multiplier) and width_multiplier > 0):
+        raise DpunetError(f"width multiplier must be a positive number, got {width_multiplier!r}")
+
+    entry = ARCHITECTURE_PRESETS[preset]
+    old_class = arch_spec["class_name"]
+    new_class = entry["class_name"] or old_class
+    kwargs = copy.deepcopy(arch_spec["kwargs"])
+    if old_class != new_class:
+        if "n_conv_per_stage" in kwargs:
+            if new_class == "ResidualEncoderUNet":
+                kwargs["n_conv_per_stage"] = _convs_to_blocks(kwargs["n_conv_per_stage"])
+            elif old_class == "ResidualEncoderUNet":
+                kwargs["n_conv_per_stage"] = _blocks_to_convs(kwargs["n_conv_per_stage"])
+        if new_class != "ResidualEncoderUNet":
+            for k in RESIDUAL_ONLY_KWARGS:
+                kwargs.pop(k, None)
+    kwargs.update(copy.deepcopy(entry["kwargs"]))
+
+    if width_multiplier != 1.0:
+        if "features_per_stage" not in kwargs:
+            raise DpunetError("architecture spec has no features_per_stage to scale")
+        divisor = int(kwargs.get("norm_kwargs", {}).get("num_groups", 8)) if kwargs.get(
+            "norm", "GroupNorm") == "GroupNorm" else 1
+        kwargs["features_per_stage"] = scale_features(kwargs["features_per_stage"], width_multiplier, divisor)
+    return {"class_name": new_class, "kwargs": kwargs, "preset": preset, "width_multiplier": float(width_multiplier)}

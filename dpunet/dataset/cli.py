@@ -1,0 +1,40 @@
+"""dpunet_verify_dataset: check a raw task's integrity before fingerprinting, planning or training."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+from dpunet import paths
+from dpunet.dataset.msd import load_task
+from dpunet.dataset.verify import DEFAULT_GEOMETRY_TOLERANCE, verify_task
+from dpunet.utils.errors import cli_entry
+
+
+def task_folder(task: str) -> Path:
+    """A task id or name resolved against $DPUNET_RAW; an existing folder path is taken as it is."""
+    as_path = Path(task)
+    if (as_path / "dataset.json").is_file():
+        return as_path
+    return paths.raw_root() / paths.resolve_task(task, paths.raw_root())
+
+
+@cli_entry
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Check a raw MSD task (dataset.json, files, channels, labels, geometry) and list every problem."
+    )
+    p.add_argument("-t", "--task", required=True, help="task id (4) or name (Task04_Hippocampus) in $DPUNET_RAW")
+    p.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes reading the cases")
+    p.add_argument("--geometry-tolerance", type=float, default=DEFAULT_GEOMETRY_TOLERANCE,
+                   help="relative tolerance for spacing, origin and direction of image vs label")
+    args = p.parse_args(argv)
+    folder = task_folder(args.task)
+    verify_task(folder, args.num_processes, args.geometry_tolerance)
+    task = load_task(folder)
+    print(f"OK: {len(task.training)} cases ({len(task.test)} test images) in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

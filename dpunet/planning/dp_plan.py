@@ -1,0 +1,86 @@
+"""The `dp` block of a plan: sampling rate, steps, patches per patient and the calibrated noise, planned
+together from (epsilon, delta, N patients), with the noise-to-signal figure that tells whether training can work.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from dpunet.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
+from dpunet.utils.errors import DpunetError
+
+DEFAULTS = {
+    "delta": 1e-5,
+    "clip_norm": 1.0,
+    "patches_per_patient": 4,
+    "steps": 500,
+    "max_noise_to_signal": 0.1,
+}
+
+
+def default_patients_per_step(num_patients: int) -> int:
+    """Large logical batches: noise on the mean gradient falls with the batch (design brief s.3)."""
+    return int(min(num_patients, max(8, round(0.4 * num_patients))))
+
+
+def plan_dp_block(num_patients: int, epsilon: float, delta: float = DEFAULTS["delta"],
+                  patients_per_step: int | None = None, steps: int = DEFAULTS["steps"],
+                  patches_per_patient: int = DEFAULTS["patches_per_patient"], clip_norm: float = DEFAULTS["clip_norm"],
+                  max_noise_to_signal: float = DEFAULTS["max_noise_to_signal"]) -> dict[str, Any]:
+    """Everything the trainer needs to run DP-SGD at (epsilon, delta) on `num_patients` patients."""
+    if num_patients < 1:
+        raise DpunetError("cannot plan DP training without training patients")
+    if patches_per_patient < 1 or steps < 1:
+        raise DpunetError("patches per patient and steps must be at least 1")
+    expected = patients_per_step or default_patients_per_step(num_patients)
+    if not 1 <= expected <= num_patients:
+        raise DpunetError(f"patients per step {expected} must lie in 1..{num_patients} (the training patients)")
+    q = expected / num_patients
+    private = math.isfinite(epsilon)
+    sigma = calibrate_noise_multiplier(epsilon, delta, q, steps, accountant="prv") if private else 0.0
+    block: dict[str, Any] = {
+        "private": private,
+        "epsilon": epsilon if private else "inf",
+        "delta": delta,
+        "privacy_unit": "patient",
+        "adjacency": "add/remove one patient",
+        "sampling": "poisson",
+        "num_patients": num_patients,
+        "expected_patients_per_step": expected,
+        "sample_rate": q,
+        "patches_per_patient": patches_per_patient,
+        "steps": steps,
+        "noise_multiplier": sigma,
+        "clip_norm": clip_norm if private else None,
+        "accountant": "prv",
+        "noise_to_signal": sigma / expected,
+        "noise_to_signal_explained": "std of the noise on the averaged clipped gradient, in units of C: sigma / (q N)",
+        "warnings": [],
+    }
+    if private:
+        block["epsilon_rdp_check"] = epsilon_spent(sigma, q, steps, delta, accountant="rdp")
+        if sigma / expected > max_noise_to_signal:
+            block["warnings"].append(
+                f"noise-to-signal {sigma / expected:.3f} > {max_noise_to_signal}: the noise on each averaged "
+                f"gradient is large, training is unlikely to be useful; raise patients per step, lower steps, "
+                f"or raise epsilon")
+    return block
+
+
+def training_defaults(private: bool) -> dict[str, Any]:
+    """Optimiser recipe stored in the plan (design brief s.4); every entry can be overridden by an option."""
+    return {
+        "optimizer": "adam",
+        "learning_rate": 2e-3 if private else 1e-3,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "lr_schedule": "cosine",
+        "warmup_steps": 20,
+        "ema_decay": 0.99,
+        "evaluate_ema": True,
+        "deep_supervision": True,
+        "nnunet_nonprivate_defaults_for_comparison": {
+            "optimizer": "sgd nesterov momentum 0.99", "learning_rate": 0.01, "lr_schedule": "poly 0.9",
+            "iterations": 250000, "batch": "2-7 patches, batch Dice in 2d", "norm": "InstanceNorm",
+            "weight_averaging": "none, best/final checkpoint"},
+    }

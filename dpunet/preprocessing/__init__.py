@@ -1,0 +1,1 @@
+"""Per-case preprocessing (crop to non-zero, normalise, resample) and its exact inverse for predictions."""

@@ -1,0 +1,77 @@
+"""The noisy step: (sum of clipped per-patient gradients + N(0, sigma^2 C^2)) / (q N).
+
+Noise is drawn exactly once per logical step (after all micro-batches of the step were accumulated), per
+parameter tensor, in fp32 on the parameter's device. The divisor is the *expected* batch size q*N, never the
+realised number of patients: the latter depends on who was sampled and would itself leak membership.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dpunet.utils.errors import DpunetError
+
+
+def _noise_like(t: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
+    shape, device = t.shape, t.device
+    if generator is None or generator.device == device:
+        return torch.normal(0.0, std, size=shape, generator=generator, device=device, dtype=torch.float32)
+    # a generator on another device (e.g. a seeded CPU generator for CUDA parameters): draw there, move
+    noise = torch.normal(0.0, std, size=shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return noise.to(device)
+
+
+def noisy_average_gradient(
+    summed_grad: Sequence[Tensor],
+    noise_multiplier: float,
+    clip_norm: float | None,
+    expected_batch_size: float,
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """The DP-SGD gradient estimate of one logical step, as new fp32 tensors.
+
+    Private (`clip_norm` set): (sum + N(0, (noise_multiplier * clip_norm)^2)) / expected_batch_size, also
+    when no patient was sampled (then it is pure noise, as the analysis requires). Non-private
+    (`clip_norm` None, `noise_multiplier` must be 0): sum / expected_batch_size.
+    """
+    if not (expected_batch_size > 0 and math.isfinite(expected_batch_size)):
+        raise DpunetError(f"expected batch size q*N must be positive, got {expected_batch_size}")
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise DpunetError(f"noise multiplier must be a finite number >= 0, got {noise_multiplier}")
+    if clip_norm is None:
+        if noise_multiplier != 0:
+            raise DpunetError("noise without a clipping norm has no privacy meaning: set clip_norm or sigma=0")
+        std = 0.0
+    else:
+        if not clip_norm > 0:
+            raise DpunetError(f"clip norm must be positive, got {clip_norm}")
+        std = float(noise_multiplier) * float(clip_norm)
+    out = []
+    for g in summed_grad:
+        g32 = g.detach().to(torch.float32)
+        if std > 0:
+            g32 = g32 + _noise_like(g32, std, generator)
+        out.append(g32 / float(expected_batch_size))
+    return out
+
+
+def assign_gradients(params: Iterable[nn.Parameter], grads: Sequence[Tensor]) -> None:
+    """Set p.grad = grad (cast to the parameter's dtype) for the optimiser step."""
+    params = list(params)
+    if len(params) != len(grads):
+        raise ValueError(f"{len(params)} parameters but {len(grads)} gradients")
+    for p, g in zip(params, grads):
+        if g.shape != p.shape:
+            raise ValueError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+        p.grad = g.detach().to(device=p.device, dtype=p.dtype).clone()
+
+
+def noise_std_on_mean_gradient(noise_multiplier: float, expected_batch_size: float) -> float:
+    """Standard deviation of the noise per coordinate of the averaged gradient, in units of C: sigma / (qN).
+    The planner compares it with the signal (at most C per patient) to judge whether training can work."""
+    if not expected_batch_size > 0:
+        raise DpunetError(f"expected batch size q*N must be positive, got {expected_batch_size}")
+    return float(noise_multiplier) / float(expected_batch_size)

@@ -1,0 +1,394 @@
+"""The fast per-patient gradient engine ("fast"): book-keeping per-sample clipping (Bu et al. 2023).
+
+One forward and one backward over the flat B*K batch of patches. During the pass the trainable parameters
+of the layers the engine handles are switched to requires_grad=False, so autograd propagates only the data
+gradient and never computes the batched weight gradient a DP step would throw away. Forward hooks keep each
+layer's input; tensor hooks on each layer's output receive its output gradient during the backward, and there
+the layer's per-PATIENT gradients (the K patches of a patient summed) are computed straight away, by layer
+rules in `fast_layers`:
+
+- conv / transposed conv weight: the native weight-gradient kernel as a grouped convolution with groups = B,
+  the K patches as its batch (same FLOPs as the batched weight gradient, no unfolded inputs);
+- or, for layers with few output positions (deep U-Net stages), only the per-patient norm by the ghost-norm
+  trick; the layer's input and output gradient are kept and a second weight-gradient op with per-patient-
+  scaled output gradients gives its clipped sum (`fast_cost` decides per layer and records why);
+- GroupNorm / InstanceNorm (affine), Linear, biases: closed-form per-patient sums;
+- any other module owning trainable parameters (e.g. weight-standardised convs): torch.func vmap over
+  patients of the module's own vjp, or a per-patient loop when vmap cannot run it.
+
+Then per-patient norms (fp32), clip factors min(1, C/||g_i||) (0 for a non-finite gradient), and the clipped
+sum per parameter (a matrix-vector product over instantiated gradients). Mode "loop" runs one patient at a
+time through the whole network instead, for when one patient fills the device (mode "auto" picks it for B=1,
+where it is exactly a non-private step plus one norm).
+
+Usage:
+    engine = FastGradientEngine(model, SegmentationLoss(...), clip_norm=1.0)
+    stats = engine.accumulate(patient_batch)   # adds sum_i clip(g_i) to engine.summed_grad
+    engine.describe()                          # JSON-able per-layer strategy table for the training log
+    engine.close()                             # removes the hooks
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+from dpunet.privacy.engines.base import (
+    AccumulationStats,
+    GradientEngine,
+    PatientBatch,
+    PerSampleLoss,
+    finalize_per_patient,
+)
+from dpunet.privacy.engines.fast_cost import GHOST_POLICIES, LayerPlan, choose_weight_strategy
+from dpunet.privacy.engines.fast_layers import LayerRule, rule_for
+from dpunet.utils.errors import DpunetError
+
+MODES = ("auto", "layerwise", "loop")
+
+
+@dataclass
+class _Layer:
+    """A module owning trainable parameters: its per-patient gradients are the engine's business."""
+
+    name: str
+    module: nn.Module
+    param_names: list[str]  # trainable parameters registered directly on the module
+    param_indices: list[int]  # their positions in engine.params / engine.summed_grad
+    weight_shared: bool  # a parameter also belongs to another module (ghost norms need a single use)
+    fallback: str = "fallback_vmap"  # how the generic path runs; switches to "fallback_loop" if vmap fails
+
+
+@dataclass
+class _Call:
+    """One forward call of a layer in the current micro-batch."""
+
+    layer: _Layer
+    args: tuple
+    kwargs: dict
+    autocast: tuple[str, bool, torch.dtype]
+    grad: Tensor | None = None
+    ghost_plan: LayerPlan | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def activation(self) -> Tensor:
+        return self.args[0]
+
+    def release(self) -> None:
+        self.args, self.kwargs, self.grad = (), {}, None
+
+
+class FastGradientEngine(GradientEngine):
+    """Per-patient clipped gradient sums from one forward and one backward (see the module docstring).
+
+    mode: "auto" (loop for one patient, else layerwise), "layerwise" or "loop".
+    ghost: "auto" (cost model per layer), "never" (always instantiate) or "always" (ghost wherever possible).
+    """
+
+    name = "fast"
+
+    def __init__(self, model: nn.Module, loss_fn: PerSampleLoss, clip_norm: float | None, mode: str = "auto",
+                 ghost: str = "auto") -> None:
+        super().__init__(model, loss_fn, clip_norm)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if ghost not in GHOST_POLICIES:
+            raise ValueError(f"ghost must be one of {GHOST_POLICIES}, got {ghost!r}")
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                raise DpunetError(f"module {name or type(model).__name__} is {type(m).__name__}: it mixes the "
+                                  "patients of a batch, so per-patient gradients do not exist; use GroupNorm")
+        self.mode = mode
+        self.ghost_policy = ghost
+        self._layers = self._find_layers(model)
+        self._hooks = [layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True)
+                       for layer in self._layers]
+        self._capturing = False
+        self._calls: list[_Call] = []
+        self._roots: list[Tensor] = []
+        self._num_patients = 0
+        self._patches = 0
+        self._per_patient: dict[int, Tensor] = {}  # param index -> (B, *shape) fp32
+        self._ghost_sq: Tensor | None = None
+        self._plans: dict[tuple, LayerPlan] = {}
+        self._used_plans: list[LayerPlan] = []
+        self._last_plans: list[LayerPlan] = []
+        self._last_mode = mode
+
+    # ---------------------------------------------------------------- set-up
+
+    def _find_layers(self, model: nn.Module) -> list[_Layer]:
+        index = {id(p): i for i, p in enumerate(self.params)}
+        owners: dict[int, int] = {}
+        found = []
+        for name, m in model.named_modules():
+            own = [(pn, p) for pn, p in m.named_parameters(recurse=False) if p.requires_grad]
+            for _, p in own:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+            if own:
+                found.append((name or type(model).__name__, m, own))
+        return [_Layer(name, m, [pn for pn, _ in own], [index[id(p)] for _, p in own],
+                       any(owners[id(p)] > 1 for _, p in own)) for name, m, own in found]
+
+    def _forward_hook(self, layer: _Layer):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self._capturing:
+                return
+            if not isinstance(output, Tensor):
+                raise DpunetError(f"fast engine: module {layer.name} ({type(module).__name__}) returns "
+                                  f"{type(output).__name__}; layers owning parameters must return one tensor")
+            device_type = output.device.type
+            call = _Call(layer, args, kwargs, (device_type, torch.is_autocast_enabled(device_type),
+                                               torch.get_autocast_dtype(device_type)))
+            if not output.requires_grad:
+                # nothing upstream needs a gradient (weights are switched off): make this output a root of
+                # the backward so that the data gradient flows down to it
+                output.requires_grad_(True)
+                self._roots.append(output)
+            output.register_hook(lambda grad, call=call: self._on_output_grad(call, grad))
+            self._calls.append(call)
+
+        return hook
+
+    @contextlib.contextmanager
+    def _weights_frozen(self) -> Iterator[None]:
+        """Trainable parameters off autograd for the pass, so no batched weight gradient is computed."""
+        for p in self.params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in self.params:
+                p.requires_grad_(True)
+
+    # ---------------------------------------------------------------- backward-time work per layer
+
+    def _plan(self, call: _Call, rule: LayerRule | None, single_use: bool) -> LayerPlan:
+        layer, g = call.layer, call.grad
+        a = call.activation if call.args else g
+        key = (layer.name, tuple(a.shape), tuple(g.shape), self._num_patients, single_use, rule is None)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        shapes = {n: getattr(layer.module, n).shape for n in layer.param_names}
+        params = sum(int(torch.Size(s).numel()) for s in shapes.values())
+        weight_params = int(torch.Size(shapes["weight"]).numel()) if "weight" in shapes else 0
+        b, k = self._num_patients, self._patches
+        if rule is None:
+            strategy, ghost_bytes, reason = layer.fallback, None, "no layer rule for this module type"
+            positions = 0
+        else:
+            positions = rule.positions(layer.module, a, g)
+            if "weight" in shapes:
+                out_features = int(shapes["weight"][0])
+                strategy, ghost_bytes, reason = choose_weight_strategy(
+                    self.ghost_policy, rule.ghost_capable(layer.module), single_use, weight_params, out_features,
+                    positions, b, k)
+            else:
+                strategy, ghost_bytes, reason = "instantiate", None, "no weight"
+        plan = LayerPlan(layer.name, type(layer.module).__name__, strategy, params, weight_params, positions,
+                         b, k, 4 * b * params, ghost_bytes, reason)
+        self._plans[key] = plan
+        return plan
+
+    def _add_per_patient(self, layer: _Layer, grads: dict[str, Tensor]) -> None:
+        for name, idx in zip(layer.param_names, layer.param_indices):
+            g = grads.get(name)
+            if g is None:
+                continue
+            if idx in self._per_patient:
+                self._per_patient[idx] = self._per_patient[idx] + g
+            else:
+                self._per_patient[idx] = g
+
+    def _on_output_grad(self, call: _Call, grad: Tensor) -> None:
+        call.grad = grad
+        layer = call.layer
+        rule = rule_for(layer.module)
+        single_use = not layer.weight_shared and sum(c.layer is layer for c in self._calls) == 1
+        plan = self._plan(call, rule, single_use)
+        self._used_plans.append(plan)
+        b = self._num_patients
+        if rule is None:
+            self._add_per_patient(layer, self._fallback_per_patient(call))
+            call.release()
+        elif plan.strategy == "ghost":
+            sq = rule.ghost_sq_norms(layer.module, call.activation, grad, b)
+            self._ghost_sq = sq if self._ghost_sq is None else self._ghost_sq + sq
+            others = [n for n in layer.param_names if n != "weight"]
+            self._add_per_patient(layer, rule.per_patient(layer.module, call.activation, grad, b, others))
+            call.ghost_plan = plan  # keep input and output gradient for the clipped sum
+        else:
+            self._add_per_patient(layer, rule.per_patient(layer.module, call.activation, grad, b,
+                                                          layer.param_names))
+            call.release()
+        return None
+
+    # ---------------------------------------------------------------- generic fallback
+
+    @contextlib.contextmanager
+    def _replaying(self, call: _Call) -> Iterator[None]:
+        capturing, self._capturing = self._capturing, False
+        device_type, enabled, dtype = call.autocast
+        try:
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                yield
+        finally:
+            self._capturing = capturing
+
+    def _fallback_per_patient(self, call: _Call) -> dict[str, Tensor]:
+        """Per-patient gradients of a module without a layer rule, by its own vjp per patient."""
+        layer, b = call.layer, self._num_patients
+        n = b * self._patches
+        module = layer.module
+        params = {name: getattr(module, name).detach() for name in layer.param_names}
+        batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n for x in call.args]
+        args = [x.detach().reshape(b, -1, *x.shape[1:]) if is_b else x for x, is_b in zip(call.args, batched)]
+        grad = call.grad.reshape(b, -1, *call.grad.shape[1:])
+        kwargs = call.kwargs
+
+        def patient_vjp(p: dict[str, Tensor], g: Tensor, *xs: Any) -> dict[str, Tensor]:
+            _, pullback = vjp(lambda q: functional_call(module, q, tuple(xs), kwargs), p)
+            return pullback(g)[0]
+
+        with self._replaying(call):
+            if layer.fallback == "fallback_vmap":
+                try:
+                    in_dims = (None, 0, *[0 if is_b else None for is_b in batched])
+                    grads = vmap(patient_vjp, in_dims=in_dims)(params, grad, *args)
+                    return {k: v.float() for k, v in grads.items()}
+                except (RuntimeError, NotImplementedError, ValueError):
+                    layer.fallback = "fallback_loop"  # e.g. data-dependent control flow: loop from now on
+            per: dict[str, list[Tensor]] = {name: [] for name in params}
+            for i in range(b):
+                with torch.enable_grad():
+                    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+                    xs = [x[i] if is_b else x for x, is_b in zip(args, batched)]
+                    out = functional_call(module, leaves, tuple(xs), kwargs)
+                    grads = torch.autograd.grad(out, list(leaves.values()), grad[i].to(out.dtype),
+                                                allow_unused=True)
+                for (name, leaf), g in zip(leaves.items(), grads):
+                    per[name].append(torch.zeros_like(leaf, dtype=torch.float32) if g is None else g.float())
+            return {name: torch.stack(gs) for name, gs in per.items()}
+
+    # ---------------------------------------------------------------- accumulate
+
+    def accumulate(self, batch: PatientBatch) -> AccumulationStats:
+        b = batch.num_patients
+        if b == 0:
+            return AccumulationStats(0, 0.0, torch.zeros(0), 0, 0)
+        mode = self.mode if self.mode != "auto" else ("loop" if b == 1 else "layerwise")
+        self._last_mode = mode
+        if mode == "loop":
+            return self._accumulate_loop(batch)
+        return self._accumulate_layerwise(batch)
+
+    def _accumulate_layerwise(self, batch: PatientBatch) -> AccumulationStats:
+        b, k = batch.num_patients, batch.patches_per_patient
+        data, targets = batch.flat()
+        self._num_patients, self._patches = b, k
+        try:
+            with self._weights_frozen():
+                self._capturing = True
+                try:
+                    outputs = self.model(data.detach())
+                finally:
+                    self._capturing = False
+                patient_losses = self.loss_fn(outputs, targets).reshape(b, k).mean(dim=1)
+                if self._roots:
+                    torch.autograd.grad(patient_losses.sum(), self._roots, allow_unused=True)
+                del outputs
+            norms = self._patient_norms(b, data.device)
+            factors, finite, num_clipped, num_nonfinite = finalize_per_patient(norms, self.clip_norm)
+            self._add_clipped_sum(factors, finite, num_nonfinite > 0)
+            self._last_plans = self._collect_plans()
+            loss_sum = float(patient_losses.detach().sum())
+        finally:
+            for call in self._calls:
+                call.release()
+            self._calls, self._roots, self._used_plans = [], [], []
+            self._per_patient, self._ghost_sq = {}, None
+        return AccumulationStats(b, loss_sum, norms.detach().float().cpu(), num_clipped, num_nonfinite)
+
+    def _patient_norms(self, num_patients: int, device: torch.device) -> Tensor:
+        sq = torch.zeros(num_patients, dtype=torch.float32, device=device)
+        if self._ghost_sq is not None:
+            sq = sq + self._ghost_sq
+        for g in self._per_patient.values():
+            flat = g.reshape(num_patients, -1)
+            sq = sq + torch.einsum("bp,bp->b", flat, flat)
+        return sq.sqrt()
+
+    def _add_clipped_sum(self, factors: Tensor, finite: Tensor, any_nonfinite: bool) -> None:
+        b = factors.shape[0]
+        for idx, g in self._per_patient.items():
+            flat = g.reshape(b, -1)
+            if any_nonfinite:
+                flat = flat.masked_fill(~finite.unsqueeze(1), 0.0)  # 0 * NaN is NaN: zero the rows outright
+            self.summed_grad[idx].view(-1).addmv_(flat.t(), factors)
+        for call in self._calls:
+            if call.ghost_plan is None or call.grad is None:
+                continue
+            layer, g, a = call.layer, call.grad, call.activation
+            per_patch = factors.repeat_interleave(self._patches)
+            g_scaled = g * per_patch.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+            if any_nonfinite:
+                ok = finite.repeat_interleave(self._patches)
+                g_scaled = torch.where(ok.view(-1, *([1] * (g.dim() - 1))), g_scaled, torch.zeros_like(g_scaled))
+                a = torch.where(ok.view(-1, *([1] * (a.dim() - 1))), a, torch.zeros_like(a))
+            rule = rule_for(layer.module)
+            weight_idx = layer.param_indices[layer.param_names.index("weight")]
+            self.summed_grad[weight_idx].add_(rule.summed_weight_grad(layer.module, a, g_scaled))
+
+    def _collect_plans(self) -> list[LayerPlan]:
+        """This micro-batch's plans in forward (module registration) order."""
+        order = {layer.name: i for i, layer in enumerate(self._layers)}
+        return sorted(self._used_plans, key=lambda p: order.get(p.module, 0))
+
+    def _accumulate_loop(self, batch: PatientBatch) -> AccumulationStats:
+        """One patient at a time through the whole network: plain autograd, then norm, clip, add."""
+        norms, losses = [], []
+        for i in range(batch.num_patients):
+            data, targets = batch.patient(i)
+            loss = self.loss_fn(self.model(data.detach()), targets).mean()
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            norm = torch.sqrt(sum(torch.einsum("p,p->", g.reshape(-1).float(), g.reshape(-1).float())
+                                  for g in grads if g is not None))
+            factor, finite, _, _ = finalize_per_patient(norm.reshape(1), self.clip_norm)
+            if bool(finite[0]):
+                for acc, g in zip(self.summed_grad, grads):
+                    if g is not None:
+                        acc.add_(g.float() * factor[0])
+            norms.append(norm.detach().float().reshape(()))
+            losses.append(loss.detach())
+        norms_t = torch.stack(norms).cpu()
+        _, _, num_clipped, num_nonfinite = finalize_per_patient(norms_t, self.clip_norm)
+        return AccumulationStats(len(losses), float(torch.stack(losses).sum()), norms_t, num_clipped, num_nonfinite)
+
+    # ---------------------------------------------------------------- reporting, clean-up
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able: the mode used last, the ghost policy and the per-layer strategy table."""
+        plans = [p.as_dict() for p in self._last_plans] if self._last_mode == "layerwise" else []
+        counts: dict[str, int] = {}
+        for p in plans:
+            counts[p["strategy"]] = counts.get(p["strategy"], 0) + 1
+        return {
+            "engine": self.name,
+            "mode": self._last_mode,
+            "ghost_policy": self.ghost_policy,
+            "clip_norm": self.clip_norm,
+            "strategy_counts": counts,
+            "per_patient_gradient_bytes": sum(p["instantiate_bytes"] for p in plans if p["strategy"] != "ghost"),
+            "layers": plans,
+        }
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

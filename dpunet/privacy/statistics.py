@@ -1,0 +1,45 @@
+"""Differentially private dataset statistics for uses outside DP-SGD (e.g. CT normalisation).
+
+Each patient contributes one vector of d values clipped to known bounds. We release the Gaussian-noised sum of
+the values (rescaled to [-1, 1]) together with a noised count in one query; under add/remove-one-patient
+adjacency its L2 sensitivity is sqrt(d + 1). The noise multiplier comes from the same accountant as training
+(one step, sampling rate 1), so the epsilon is directly comparable and can be composed with the training run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpunet.utils.errors import DpunetError
+
+
+@dataclass
+class DPMeansRelease:
+    means: np.ndarray
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    num_patients_noisy: float
+    accountant: str
+
+
+def dp_bounded_means(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, epsilon: float, delta: float,
+                     rng: np.random.Generator, accountant: str = "prv") -> DPMeansRelease:
+    """(epsilon, delta)-DP means of per-patient vectors `values` (n, d), each column clipped to [lower, upper]."""
+    from dpunet.privacy.accounting import calibrate_noise_multiplier
+
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    lower, upper = np.broadcast_to(lower, values.shape[1:]), np.broadcast_to(upper, values.shape[1:])
+    if np.any(upper <= lower):
+        raise DpunetError("DP statistics need upper bounds strictly above lower bounds")
+    centre, half = (upper + lower) / 2, (upper - lower) / 2
+    scaled = (np.clip(values, lower, upper) - centre) / half  # each entry in [-1, 1]
+    d = values.shape[1]
+    sigma = calibrate_noise_multiplier(epsilon, delta, sample_rate=1.0, steps=1, accountant=accountant)
+    std = sigma * np.sqrt(d + 1)
+    noisy_sum = scaled.sum(0) + rng.normal(0.0, std, size=d)
+    noisy_count = len(values) + rng.normal(0.0, std)
+    count = max(noisy_count, 1.0)
+    means = np.clip(noisy_sum / count, -1, 1) * half + centre
+    return DPMeansRelease(means, float(epsilon), float(delta), float(sigma), float(noisy_count), accountant)

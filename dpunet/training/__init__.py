@@ -1,0 +1,1 @@
+"""Training: the DP-safe loss, trainers and their schedules."""

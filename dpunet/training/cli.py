@@ -1,0 +1,95 @@
+"""dpunet_train TASK FOLD --eps 8 [-c 3d_fullres|2d] [--delta 1e-5] [--arch NAME] [--steps T]
+[--patients-per-step B] [--patches-per-patient K] [--clip C] [--lr LR] [--seed S] [--device cpu|cuda] [--continue]
+
+FOLD is 0-4 or 'all'. --eps inf trains non-privately through the same code (no clipping, no noise)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from dpunet.planning.cli import parse_epsilon
+from dpunet.training.config import merge_plan_and_options
+from dpunet.training.trainer import DPTrainer, load_training_inputs
+from dpunet.utils.errors import DpunetError, cli_entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpunet_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", help="task id (4) or name (Task04_Hippocampus)")
+    p.add_argument("fold", help="0-4 or all")
+    p.add_argument("--eps", type=parse_epsilon, required=True, help="target epsilon, or inf for non-private")
+    p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
+    p.add_argument("--delta", type=float, default=None, help="target delta (plan default 1e-5)")
+    p.add_argument("--arch", default="unet", help="architecture preset (dpunet.architectures.ARCHITECTURE_PRESETS)")
+    p.add_argument("--width", type=float, default=None, help="width multiplier of the planned features")
+    p.add_argument("--steps", type=int, default=None, help="DP-SGD steps T (plan default)")
+    p.add_argument("--patients-per-step", type=int, default=None, help="expected patients per step q*N")
+    p.add_argument("--patches-per-patient", type=int, default=None, help="patches K per patient, averaged")
+    p.add_argument("--clip", type=float, default=None, dest="clip_norm", help="per-patient clip norm C")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw", "nadam"])
+    p.add_argument("--lr", type=float, default=None, dest="learning_rate", help="learning rate")
+    p.add_argument("--momentum", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--lr-schedule", default=None, choices=["constant", "cosine", "poly"])
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--no-ema", dest="evaluate_ema", action="store_false", default=None,
+                   help="evaluate and export the final weights instead of their EMA")
+    p.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false", default=None)
+    p.add_argument("--engine", default=None, help="per-patient gradient engine (auto, fast, functorch, "
+                                                  "opacus_hooks, reference_loop)")
+    p.add_argument("--patients-per-micro-batch", type=int, default=None, help="physical micro-batch (patients)")
+    p.add_argument("--num-workers", type=int, default=None, help="background data-loading processes")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--checkpoint-minutes", type=float, default=None, help="minutes between checkpoint_latest.pt")
+    p.add_argument("--no-validation", dest="validation", action="store_false", default=None)
+    p.add_argument("--validation-mirroring", action="store_true", default=None,
+                   help="mirroring test-time augmentation during the final validation")
+    p.add_argument("--continue", dest="resume", action="store_true", help="resume from checkpoint_latest.pt")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configuration = args.configuration
+    options = {k: v for k, v in vars(args).items() if k not in ("task", "fold", "eps", "configuration", "resume")}
+    options.update(task=args.task, fold=args.fold, epsilon=args.eps)
+    if options.get("device") is None:
+        options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if options["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise DpunetError("--device cuda requested but no CUDA device is available")
+    configuration = configuration or _default_configuration(args.task)
+    options["configuration"] = configuration
+    _, _, plan_config, _, _ = load_training_inputs(args.task, configuration)
+    cfg = merge_plan_and_options(plan_config, options)
+    trainer = DPTrainer(cfg)
+    result = trainer.run(resume=args.resume)
+    report = result["report"]
+    print(f"privacy: epsilon {report['epsilon_prv']} (PRV) / {report['epsilon_rdp']} (RDP) at delta {cfg.delta}, "
+          f"sigma {report['noise_multiplier']}, q {report['sample_rate']:.4f}, T {report['steps_taken']}")
+    if result["validation"]:
+        mean = result["validation"]["mean"]
+        print("validation Dice: " + json.dumps({k: round(v["Dice"], 4) for k, v in mean.items()}))
+    print(f"outputs: {result['output_dir']}")
+    return 0
+
+
+def _default_configuration(task: str) -> str:
+    from dpunet.paths import preprocessed_root, raw_root, resolve_task
+    from dpunet.utils.files import load_json
+
+    name = resolve_task(task, preprocessed_root(), raw_root())
+    path = preprocessed_root() / name / "dpunet_plans.json"
+    if not path.is_file():
+        raise DpunetError(f"{path} not found: run dpunet_plan_and_preprocess -t {task} first")
+    planned = load_json(path)["configurations"]
+    return "3d_fullres" if "3d_fullres" in planned else next(iter(planned))
+
+
+if __name__ == "__main__":
+    main()

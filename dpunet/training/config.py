@@ -1,0 +1,93 @@
+"""Training configuration: the plan's entries, overridden by command-line options, as one flat record."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from dpunet.utils.errors import DpunetError
+
+# fields whose change would alter the privacy guarantee: `--continue` refuses to resume if any differs
+PRIVACY_FIELDS = ("epsilon", "delta", "steps", "patients_per_step", "patches_per_patient", "clip_norm",
+                  "fold", "configuration", "task", "seed")
+
+
+@dataclass
+class TrainingConfig:
+    task: str
+    configuration: str
+    fold: str
+    arch: str = "unet"
+    width: float = 1.0
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    steps: int = 500
+    patients_per_step: int | None = None
+    patches_per_patient: int = 4
+    clip_norm: float = 1.0
+    optimizer: str = "adam"
+    learning_rate: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 20
+    ema_decay: float = 0.99
+    evaluate_ema: bool = True
+    deep_supervision: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    engine: str = "auto"
+    num_workers: int = 0
+    patients_per_micro_batch: int | None = None
+    checkpoint_minutes: float = 5.0
+    checkpoint_every_steps: int | None = None
+    eps_log_every: int = 10
+    validation: bool = True
+    validation_step_size: float = 0.5
+    validation_mirroring: bool = False
+    select_checkpoint_on_validation: bool = False
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["epsilon"] = "inf" if not self.private else self.epsilon
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainingConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values["epsilon"] = float(values.get("epsilon", 8.0))
+        return cls(**values)
+
+    def privacy_fields(self) -> dict[str, Any]:
+        d = self.to_dict()
+        return {k: d[k] for k in PRIVACY_FIELDS}
+
+
+def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any]) -> TrainingConfig:
+    """Plan entries first (dp and training blocks), then every option the user gave (not None)."""
+    dp, train = plan_config["dp"], plan_config["training"]
+    values: dict[str, Any] = {
+        "delta": dp["delta"],
+        "steps": dp["steps"],
+        "patches_per_patient": dp["patches_per_patient"],
+        "clip_norm": dp["clip_norm"] if dp.get("clip_norm") else 1.0,
+        "patients_per_micro_batch": plan_config.get("patients_per_micro_batch"),
+    }
+    for key in ("optimizer", "learning_rate", "momentum", "weight_decay", "lr_schedule", "warmup_steps",
+                "ema_decay", "evaluate_ema", "deep_supervision"):
+        if key in train:
+            values[key] = train[key]
+    values.update({k: v for k, v in options.items() if v is not None})
+    cfg = TrainingConfig(**values)
+    if cfg.steps < 1:
+        raise DpunetError("--steps must be at least 1")
+    if cfg.patches_per_patient < 1:
+        raise DpunetError("--patches-per-patient must be at least 1")
+    if cfg.private and cfg.clip_norm <= 0:
+        raise DpunetError("--clip must be positive")
+    return cfg

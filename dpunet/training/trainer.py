@@ -1,0 +1,360 @@
+"""Patient-level DP-SGD training of a planned U-Net (and, with epsilon = inf, the same loop non-privately).
+
+One logical step: Poisson-sample patients (rate q) -> for each physical micro-batch of whole patients, K
+augmented patches each -> the engine adds clipped per-patient gradients -> noise once -> divide by q*N ->
+optimiser step -> EMA -> privacy ledger. The run stops exactly at its planned number of steps T, for which
+sigma was calibrated, so the budget cannot be exceeded; `--continue` restores every piece of state.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dpunet
+from dpunet.architectures import apply_preset, build_network, validate_for_dp
+from dpunet.dataset.msd import TaskInfo, load_task
+from dpunet.evaluation.cross_validation import run_folder_name
+from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
+from dpunet.planning.splits import fold_cases
+from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, epsilon_spent
+from dpunet.privacy.dp_step import assign_gradients, noisy_average_gradient
+from dpunet.privacy.engines.base import PatientBatch
+from dpunet.privacy.engines.registry import make_engine
+from dpunet.privacy.report import build_privacy_report, render_privacy_report_markdown
+from dpunet.privacy.sampling import PoissonPatientSampler
+from dpunet.training.checkpoint import load_checkpoint, save_checkpoint
+from dpunet.training.config import TrainingConfig
+from dpunet.training.dataloading import PatientPatchSampler, PreprocessedCaseStore, iterate_micro_batches
+from dpunet.training.ema import WeightEMA
+from dpunet.training.loss import SegmentationLoss, deep_supervision_weights
+from dpunet.training.progress import TrainingLog, plot_progress
+from dpunet.training.schedule import lr_factor, make_optimizer
+from dpunet.utils.errors import DpunetError
+from dpunet.utils.files import load_json, write_json, write_text
+
+
+def run_directory(cfg: TrainingConfig) -> Path:
+    return results_root() / cfg.task / run_folder_name(cfg.arch, cfg.configuration, cfg.epsilon) / f"fold_{cfg.fold}"
+
+
+def load_training_inputs(task_arg: str, configuration: str) -> tuple[str, dict[str, Any], dict[str, Any], list, TaskInfo]:
+    """(task name, plans, configuration entry, splits, raw task) with clear errors for anything missing."""
+    task_name = resolve_task(task_arg, preprocessed_root(), raw_root())
+    pre = preprocessed_root() / task_name
+    plans_path = pre / "dpunet_plans.json"
+    if not plans_path.is_file():
+        raise DpunetError(f"{plans_path} not found: run dpunet_plan_and_preprocess -t {task_arg} first")
+    plans = load_json(plans_path)
+    if configuration not in plans["configurations"]:
+        raise DpunetError(f"configuration '{configuration}' is not planned for {task_name} "
+                          f"(planned: {', '.join(plans['configurations'])})")
+    splits = load_json(pre / "splits_final.json")
+    raw_folder = raw_root() / task_name
+    task = load_task(raw_folder if (raw_folder / "dataset.json").is_file() else pre)
+    return task_name, plans, plans["configurations"][configuration], splits, task
+
+
+class DPTrainer:
+    """Owns one run: model, engine, optimiser, EMA, sampler, ledger, logs. Public: run()."""
+
+    def __init__(self, cfg: TrainingConfig, output_dir: Path | None = None) -> None:
+        self.cfg = cfg
+        self.task_name, self.plans, self.plan_config, splits, self.task = load_training_inputs(cfg.task,
+                                                                                                cfg.configuration)
+        cfg.task = self.task_name
+        self.output_dir = output_dir or run_directory(cfg)
+        self.device = torch.device(cfg.device)
+        self.train_cases, self.val_cases = fold_cases(splits, cfg.fold)
+        if not self.train_cases:
+            raise DpunetError(f"fold {cfg.fold} of {self.task_name} has no training cases")
+        case_patient = {c.case_id: c.patient_id for c in self.task.training}
+        self.patients: dict[str, list[str]] = {}
+        for case_id in self.train_cases:
+            self.patients.setdefault(case_patient[case_id], []).append(case_id)
+        overlap = {case_patient[c] for c in self.val_cases} & set(self.patients)
+        if overlap:
+            raise DpunetError(f"patients {sorted(overlap)[:5]} are in both training and validation of fold {cfg.fold}")
+        self.num_patients = len(self.patients)
+        self._plan_privacy()
+        self._build_model()
+        self._build_data()
+        self.step = 0
+        self.log = TrainingLog(self.output_dir / "training_log.csv")
+        self.validation_curve: list[tuple[int, float]] = []
+        self.elapsed = 0.0
+
+    # ----- set-up -------------------------------------------------------------------------------------
+    def _plan_privacy(self) -> None:
+        cfg = self.cfg
+        expected = cfg.patients_per_step or round(self.plan_config["dp"]["sample_rate"] * self.num_patients)
+        expected = int(min(self.num_patients, max(1, expected)))
+        cfg.patients_per_step = expected
+        self.sample_rate = expected / self.num_patients
+        if cfg.private:
+            self.noise_multiplier = calibrate_noise_multiplier(cfg.epsilon, cfg.delta, self.sample_rate, cfg.steps,
+                                                               accountant="prv")
+        else:
+            self.noise_multiplier = 0.0
+        self.ledger = PrivacyLedger(self.noise_multiplier, self.sample_rate)
+        self.sampler = PoissonPatientSampler(sorted(self.patients), self.sample_rate, cfg.seed)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.arch = apply_preset(self.plan_config["architecture"], cfg.arch, cfg.width)
+        self.num_classes = self.task.num_classes
+        self.model = build_network(self.arch, self.task.num_channels, self.num_classes, cfg.deep_supervision)
+        problems = validate_for_dp(self.model) if cfg.private else []
+        if problems:
+            raise DpunetError("the network is not fit for DP-SGD:\n  " + "\n  ".join(problems))
+        self.model.to(self.device)
+        n_out = self.arch["kwargs"]["n_stages"] - 1 if cfg.deep_supervision else 1
+        self.loss_fn = SegmentationLoss(self.num_classes, self.task.ignore_label,
+                                        deep_supervision_weights(max(1, n_out)))
+        self.engine = make_engine(cfg.engine if cfg.private else "nonprivate", self.model, self.loss_fn,
+                                  cfg.clip_norm if cfg.private else None)
+        self.optimizer = make_optimizer(cfg.optimizer, self.engine.params, cfg.learning_rate, cfg.momentum,
+                                        cfg.weight_decay)
+        self.ema = WeightEMA(self.model, cfg.ema_decay)
+        self.noise_generator = torch.Generator(device=self.device)
+        self.noise_generator.manual_seed(cfg.seed + 1)
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        pc = self.plan_config
+        self.data_dir = preprocessed_root() / self.task_name / pc["data_identifier"]
+        if not self.data_dir.is_dir():
+            raise DpunetError(f"{self.data_dir} not found: run dpunet_plan_and_preprocess for {self.task_name}")
+        missing = [c for c in self.train_cases + self.val_cases if not (self.data_dir / f"{c}.json").is_file()]
+        if missing:
+            raise DpunetError(f"{self.data_dir}: {len(missing)} cases not preprocessed (e.g. {missing[:3]}); "
+                              f"run dpunet_plan_and_preprocess again")
+        store = PreprocessedCaseStore(self.data_dir, self.train_cases)
+        strides = self.arch["kwargs"]["strides"] if cfg.deep_supervision else None
+        self.patch_sampler = PatientPatchSampler(
+            store, self.patients, pc["patch_size"], cfg.patches_per_patient, pc["oversample_foreground_fraction"],
+            pc.get("augmentation"), pc["dim"], self.task.ignore_label, strides)
+        self.patients_per_micro_batch = max(1, cfg.patients_per_micro_batch or 1)
+
+    # ----- one logical step ---------------------------------------------------------------------------
+    def _micro_batch(self, patient_ids: list[str]) -> PatientBatch:
+        batch = self.patch_sampler.make_patient_batch(patient_ids, self.step, self.cfg.seed)
+        return PatientBatch(batch.data.to(self.device, non_blocking=True),
+                            [t.to(self.device, non_blocking=True) for t in batch.targets])
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        patients = self.sampler.sample()
+        self.engine.zero()
+        loss_sum, clipped, nonfinite = 0.0, 0, 0
+        self.model.train()
+        for chunk in iterate_micro_batches(patients, self.patients_per_micro_batch):
+            stats = self.engine.accumulate(self._micro_batch(chunk))
+            loss_sum += stats.loss_sum
+            clipped += stats.num_clipped
+            nonfinite += stats.num_nonfinite
+        grads = noisy_average_gradient(self.engine.summed_grad, self.noise_multiplier,
+                                       cfg.clip_norm if cfg.private else None, cfg.patients_per_step,
+                                       self.noise_generator)
+        lr = cfg.learning_rate * lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        assign_gradients(self.engine.params, grads)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        self.ledger.step()
+        self.step += 1
+        return {"step": self.step, "patients_sampled": len(patients),
+                "loss_noisy_step": loss_sum / len(patients) if patients else "",
+                "fraction_clipped": clipped / len(patients) if patients and cfg.private else "",
+                "nonfinite_patients": nonfinite, "learning_rate": lr,
+                "seconds": time.perf_counter() - t0}
+
+    def epsilon_now(self, accountant: str = "prv") -> float:
+        if not self.cfg.private:
+            return math.inf
+        return self.ledger.epsilon(self.cfg.delta, accountant)
+
+    # ----- checkpoints --------------------------------------------------------------------------------
+    def privacy_parameters(self) -> dict[str, Any]:
+        return {**self.cfg.privacy_fields(), "num_patients": self.num_patients, "sample_rate": self.sample_rate,
+                "noise_multiplier": self.noise_multiplier, "patients_per_step": self.cfg.patients_per_step}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dpunet_version": dpunet.__version__,
+            "step": self.step,
+            "weights": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "noise_generator": self.noise_generator.get_state(),
+            "privacy_parameters": self.privacy_parameters(),
+            "config": self.cfg.to_dict(),
+            "architecture": self.arch,
+            "plan_configuration": self.plan_config,
+            "num_classes": self.num_classes,
+            "num_channels": self.task.num_channels,
+            "validation_curve": [list(v) for v in self.validation_curve],
+            "elapsed_seconds": self.elapsed,
+        }
+
+    def save_latest(self) -> None:
+        save_checkpoint(self.state_dict(), self.output_dir / "checkpoint_latest.pt")
+        self.log.write()
+
+    def resume(self) -> None:
+        path = self.output_dir / "checkpoint_latest.pt"
+        if not path.is_file():
+            raise DpunetError(f"--continue: {path} not found")
+        state = load_checkpoint(path, self.device)
+        saved, now = state["privacy_parameters"], self.privacy_parameters()
+        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+            raise DpunetError(f"--continue with changed privacy parameters ({detail}); start a new run instead")
+        self.model.load_state_dict(state["weights"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.noise_generator.set_state(state["noise_generator"].cpu())
+        self.step = int(state["step"])
+        self.validation_curve = [tuple(v) for v in state.get("validation_curve", [])]
+        self.elapsed = float(state.get("elapsed_seconds", 0.0))
+        self.log = TrainingLog.read(self.log.path)
+        self.log.truncate(self.step)
+
+    # ----- the run ------------------------------------------------------------------------------------
+    def run(self, resume: bool = False, stop_after_steps: int | None = None) -> dict[str, Any] | None:
+        """Train to T steps (or, for tests, stop early after `stop_after_steps` as if interrupted)."""
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        elif (self.output_dir / "checkpoint_latest.pt").is_file() or (self.output_dir / "checkpoint_final.pt").is_file():
+            raise DpunetError(f"{self.output_dir} already holds a run: use --continue to resume it, or remove it")
+        write_json({"training_config": cfg.to_dict(), "privacy_parameters": self.privacy_parameters(),
+                    "architecture": self.arch, "engine": self.engine_description()},
+                   self.output_dir / "run_config.json")
+        last_save = time.monotonic()
+        session_steps = 0
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.task_name} fold {cfg.fold}", unit="step")
+        while self.step < cfg.steps:
+            if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, accountant="prv"):
+                raise DpunetError("the next step would exceed the privacy budget; refusing to continue")
+            row = self.train_step()
+            self.elapsed += row["seconds"]
+            if cfg.private and (self.step % cfg.eps_log_every == 0 or self.step == cfg.steps):
+                row["epsilon_spent"] = self.epsilon_now("prv")
+            elif not cfg.private:
+                row["epsilon_spent"] = "inf"
+            self.log.append(row)
+            bar.update(1)
+            bar.set_postfix(eps=f"{self.log.rows[-1]['epsilon_spent'] or '-'}",
+                            loss=f"{row['loss_noisy_step']:.3f}" if row["loss_noisy_step"] != "" else "-")
+            session_steps += 1
+            due = (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0) or \
+                  (time.monotonic() - last_save > 60 * cfg.checkpoint_minutes)
+            if due and self.step < cfg.steps:
+                self.save_latest()
+                last_save = time.monotonic()
+            if stop_after_steps is not None and session_steps >= stop_after_steps and self.step < cfg.steps:
+                self.save_latest()
+                bar.close()
+                return None
+        bar.close()
+        return self.finish()
+
+    def engine_description(self) -> Any:
+        describe = getattr(self.engine, "describe", None)
+        return describe() if callable(describe) else {"name": self.engine.name}
+
+    def inference_weights(self) -> dict[str, torch.Tensor]:
+        return self.ema.weights() if self.cfg.evaluate_ema else self.model.state_dict()
+
+    def finish(self) -> dict[str, Any]:
+        """Final checkpoint, privacy report, validation, log and plot."""
+        cfg = self.cfg
+        final = self.state_dict()
+        final["inference_weights"] = "ema" if cfg.evaluate_ema else "final"
+        save_checkpoint(final, self.output_dir / "checkpoint_final.pt")
+        report = self.privacy_report()
+        write_json(report, self.output_dir / "privacy_report.json")
+        write_text(render_privacy_report_markdown(report), self.output_dir / "privacy_report.md")
+        summary = None
+        if cfg.validation and self.val_cases:
+            summary = self.validate()
+        self.log.write()
+        plot_progress(self.log, self.validation_curve, self.output_dir / "progress.png",
+                      f"{self.task_name} {cfg.configuration} fold {cfg.fold} eps {report['epsilon_target']}")
+        self.save_latest()
+        return {"report": report, "validation": summary, "output_dir": str(self.output_dir)}
+
+    def validate(self) -> dict[str, Any]:
+        from dpunet.training.validation import mean_foreground_dice, validate_fold
+
+        model = build_network(self.arch, self.task.num_channels, self.num_classes, deep_supervision=False)
+        model.load_state_dict(self.inference_weights())
+        model.to(self.device)
+        summary = validate_fold(model, self.task, self.val_cases, self.data_dir, self.plan_config, self.num_classes,
+                                self.output_dir / "validation", self.cfg.validation_step_size,
+                                self.cfg.validation_mirroring)
+        self.validation_curve.append((self.step, mean_foreground_dice(summary)))
+        return summary
+
+    def privacy_report(self) -> dict[str, Any]:
+        cfg = self.cfg
+        fp = self.plans.get("fingerprint_privacy", {}) or {}
+        caveats = [
+            "training_log.csv and progress.png hold losses computed on private data without noise: they are "
+            "for the data owner, not for release",
+            "hyperparameters (plan defaults or options) are not chosen on this data by dpunet; any tuning you did "
+            "on private data is not covered",
+        ]
+        if self.plans.get("shape_source") == "cropped":
+            caveats.append("the plan used median shapes after cropping to non-zero (derived from pixels, not DP)")
+        if cfg.select_checkpoint_on_validation:
+            caveats.append("checkpoint selected on private validation data: not covered by the guarantee")
+        touches_covered = ["gradients of every training patient (DP-SGD, this report)"]
+        touches_not = ["image header metadata (spacing, shape, origin, direction): declared public",
+                       "per-image normalisation uses only each patient's own pixels (part of that patient's input)"]
+        if fp.get("epsilon"):
+            touches_covered.append(f"DP intensity statistics for normalisation (epsilon {fp['epsilon']})")
+        return build_privacy_report(
+            private=cfg.private,
+            epsilon_target=cfg.epsilon,
+            epsilon_prv=self.epsilon_now("prv"),
+            epsilon_rdp=self.epsilon_now("rdp"),
+            delta=cfg.delta,
+            num_patients=self.num_patients,
+            num_cases=len(self.train_cases),
+            sample_rate=self.sample_rate,
+            expected_batch_size=cfg.patients_per_step,
+            steps_planned=cfg.steps,
+            steps_taken=self.step,
+            patches_per_patient=cfg.patches_per_patient,
+            noise_multiplier=self.noise_multiplier,
+            clip_norm=cfg.clip_norm if cfg.private else None,
+            data_touches_covered=touches_covered,
+            data_touches_not_covered=touches_not,
+            fingerprint_epsilon=float(fp.get("epsilon", 0.0) or 0.0),
+            fingerprint_delta=float(fp.get("delta", 0.0) or 0.0),
+            public_data=["none (no pretraining)"],
+            caveats=caveats,
+            task=self.task_name,
+            configuration=cfg.configuration,
+            fold=cfg.fold,
+            engine=self.engine.name,
+            model_selection="EMA weights of the final step" if cfg.evaluate_ema else "final weights",
+        )
+

@@ -1,0 +1,132 @@
+"""Preprocessing: exact geometric invertibility, resampling, resumability, and the plan_and_preprocess command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataset_conversion.generate_synthetic import generate_synthetic_task
+from dpunet.dataset.io import Geometry, read_image, read_label, write_segmentation
+from dpunet.dataset.msd import load_task
+from dpunet.preprocessing.cropping import crop_to_nonzero, paste_into_box
+from dpunet.preprocessing.preprocessor import preprocess_array, restore_probabilities, restore_segmentation
+from dpunet.preprocessing.resampling import resample_segmentation, separate_axis
+
+
+def run_cli(module: str, *args: str, roots: dict[str, Path]) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update({f"DPUNET_{k.upper()}": str(v) for k, v in roots.items()})
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
+
+
+def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
+    a, b = a == label, b == label
+    return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+def test_crop_and_paste_are_inverse():
+    data = np.zeros((2, 10, 12, 14), np.float32)
+    data[:, 2:7, 3:9, 1:13] = 1.0
+    cropped, _, box = crop_to_nonzero(data)
+    assert cropped.shape == (2, 5, 6, 12)
+    np.testing.assert_array_equal(paste_into_box(cropped, box, data.shape[1:]), data)
+
+
+def test_anisotropic_axis_is_resampled_separately():
+    assert separate_axis([5.0, 1.0, 1.0], [5.0, 1.0, 1.0]) == 0
+    assert separate_axis([1.0, 1.0, 1.0], [1.5, 1.5, 1.5]) is None
+    seg = np.zeros((6, 20, 20), np.int16)
+    seg[2:4, 5:15, 5:15] = 1
+    up = resample_segmentation(seg, (6, 40, 40), order=1, axis=0)
+    assert set(np.unique(up)) == {0, 1} and up.shape == (6, 40, 40)
+    # slices are never blended across z with order_z = 0
+    assert np.array_equal(up.any(axis=(1, 2)), seg.any(axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    return generate_synthetic_task(tmp_path_factory.mktemp("raw"), num_cases=10, seed=1)
+
+
+def _config(spacing, dim=3):
+    return {"spacing": spacing, "dim": dim,
+            "normalization_schemes": [{"name": "zscore_per_image", "use_nonzero_mask": True}],
+            "resampling": {"data": {"order": 3, "order_z": 0}, "seg": {"order": 1, "order_z": 0},
+                           "probabilities": {"order": 1, "order_z": 0}, "anisotropy_threshold": 3.0}}
+
+
+@pytest.mark.parametrize("spacing", [[3.0, 1.0, 1.0], [2.0, 0.7, 0.7], [4.5, 1.3, 1.3]])
+def test_preprocessing_is_exactly_invertible_on_geometry(task_dir, tmp_path, spacing):
+    task = load_task(task_dir)
+    case = task.training[3]
+    image, geometry = read_image(case.image)
+    label, label_geometry = read_label(case.label)
+    data, seg, props = preprocess_array(image, geometry, _config(spacing), label)
+    assert data.dtype == np.float32 and np.isfinite(data).all()
+    # the label brought back from preprocessed space lands on the original grid
+    restored = restore_segmentation(seg, props, _config(spacing))
+    out = tmp_path / "restored.nii.gz"
+    write_segmentation(restored, Geometry.from_dict(props["original_geometry"]), out)
+    back, back_geometry = read_label(out)
+    assert back.shape == label.shape
+    assert back_geometry.matches(label_geometry) == []
+    for lab in (1, 2):
+        assert dice(back, label, lab) > (0.97 if spacing[0] == 3.0 else 0.75)
+    # probabilities: softmax-like input restores to the original shape with background outside the crop
+    probs = np.stack([(seg == k).astype(np.float32) for k in range(3)])
+    restored_probs = restore_probabilities(probs, props, _config(spacing))
+    assert restored_probs.shape == (3,) + label.shape
+    assert dice(restored_probs.argmax(0), label, 1) > 0.7
+
+
+def test_2d_configuration_keeps_slices(task_dir):
+    task = load_task(task_dir)
+    image, geometry = read_image(task.training[0].image)
+    data, _, props = preprocess_array(image, geometry, _config([0.5, 0.5], dim=2))
+    assert data.shape[1] == props["shape_after_crop"][0]  # z is cropped but never resampled
+    assert data.shape[2] == round(props["shape_after_crop"][1] * geometry.spacing[1] / 0.5)
+    assert props["target_spacing"][0] == geometry.spacing[0]
+
+
+def test_plan_and_preprocess_end_to_end_resumable(task_dir, tmp_path):
+    roots = {"raw": task_dir.parent, "preprocessed": tmp_path / "pre", "results": tmp_path / "res"}
+    args = ["-t", "990", "-c", "3d_fullres", "2d", "-np", "2", "--steps", "50", "--patients-per-step", "4"]
+    proc = run_cli("dpunet.plan_and_preprocess", *args, roots=roots)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = roots["preprocessed"] / task_dir.name
+    for name in ("dataset_fingerprint.json", "dpunet_plans.json", "splits_final.json", "dataset.json"):
+        assert (out / name).is_file()
+    plans = json.loads((out / "dpunet_plans.json").read_text())
+    for cfg in plans["configurations"].values():
+        folder = out / cfg["data_identifier"]
+        cases = sorted(p.stem for p in folder.glob("*.npz"))
+        assert len(cases) == 10
+        npz = np.load(folder / f"{cases[0]}.npz")
+        props = json.loads((folder / f"{cases[0]}.json").read_text())
+        assert npz["data"].ndim == 4 and npz["seg"].shape[1:] == npz["data"].shape[1:]
+        assert list(npz["data"].shape[1:]) == props["shape_after_resampling"]
+        assert set(props["class_locations"]) == {"1", "2"}
+        assert not list(folder.glob(".tmp*"))
+    again = run_cli("dpunet.plan_and_preprocess", *args, roots=roots)
+    assert again.returncode == 0 and "10 already done" in again.stdout
+    redo = run_cli("dpunet.plan_and_preprocess", *args, "--overwrite", roots=roots)
+    assert redo.returncode == 0 and "10 cases preprocessed" in redo.stdout
+
+
+def test_bad_dataset_fails_before_writing_plans(task_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "raw" / task_dir.name
+    shutil.copytree(task_dir, broken)
+    victim = sorted((broken / "imagesTr").glob("*.nii.gz"))[2]
+    victim.write_bytes(victim.read_bytes()[:200])
+    roots = {"raw": broken.parent, "preprocessed": tmp_path / "pre", "results": tmp_path / "res"}
+    proc = run_cli("dpunet.plan_and_preprocess", "-t", "990", roots=roots)
+    assert proc.returncode != 0
+    assert victim.name in proc.stderr
+    assert not (roots["preprocessed"] / task_dir.name / "dpunet_plans.json").exists()
