@@ -378,3 +378,27 @@ def test_worker_exception_and_timeout_become_dpunet_errors(constant_cases, tmp_p
         loader.get(0)
     assert time.monotonic() - start < 5
     assert _no_children(pids)
+
+
+def test_real_hippocampus_cases_with_nnunet_patch(hippocampus_dir, tmp_path):
+    """Two real MRI volumes (smaller than nnU-Net's 40x56x40 patch along some axes) through the full default
+    3D pipeline: padding, foreground oversampling on real labels, augmentation, deep-supervision targets."""
+    from dpunet.dataset.io import read_image, read_label
+
+    ids = ["hippocampus_001", "hippocampus_003"]
+    for cid in ids:
+        image, _ = read_image(hippocampus_dir / "imagesTr" / f"{cid}.nii.gz")
+        label, _ = read_label(hippocampus_dir / "labelsTr" / f"{cid}.nii.gz")
+        image = (image - image.mean()) / image.std()  # per-image z-score, as preprocessing would
+        write_case(tmp_path, cid, image, label, cid)
+    store = PreprocessedCaseStore(tmp_path, ids)
+    patch = [40, 56, 40]
+    sampler = PatientPatchSampler(store, {cid: [cid] for cid in ids}, patch, 2, 1.0,
+                                  default_augmentation_params(patch, 3), 3, None, STRIDES_3D)
+    batch = sampler.make_patient_batch(ids, step=0, seed=0)
+    assert batch.data.shape == (2, 2, 1, 40, 56, 40)
+    assert [tuple(t.shape[-3:]) for t in batch.targets] == [(40, 56, 40), (20, 28, 20), (10, 14, 10)]
+    assert torch.isfinite(batch.data).all()
+    fg = batch.targets[0].flatten(2)
+    assert bool(((fg == 1) | (fg == 2)).any(-1).all())  # every oversampled patch shows hippocampus
+    assert set(torch.unique(batch.targets[0]).tolist()) <= {0, 1, 2}

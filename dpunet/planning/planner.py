@@ -40,7 +40,8 @@ def _normalisation(fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
     return schemes
 
 
-def _network_and_batch(spacing, median_shape, dim: int, in_channels: int, num_classes: int, options) -> dict:
+def _network_and_batch(spacing, median_shape, dim: int, in_channels: int, num_classes: int, options,
+                       max_patients: int) -> dict:
     """Patch and topology; shrink the patch until one patient's K patches fit the memory budget."""
     budget = options["gpu_memory_gb"] * 1024 ** 3
     k = options["patches_per_patient"]
@@ -58,7 +59,8 @@ def _network_and_batch(spacing, median_shape, dim: int, in_channels: int, num_cl
         axis = int(np.argmax(ratios))
         patch[axis] = max(8, patch[axis] - topo.divisor[axis])
         notes.append("patch reduced to fit the memory budget with per-patient gradients")
-    per_micro = memory.patients_per_micro_batch(budget, k, topo.patch_size, topo.strides, feats, n_params, cap=1024)
+    per_micro = memory.patients_per_micro_batch(budget, k, topo.patch_size, topo.strides, feats, n_params,
+                                                cap=max_patients)
     return {"topology": topo, "features": feats, "num_parameters": n_params,
             "patients_per_micro_batch": max(1, per_micro), "notes": sorted(set(notes))}
 
@@ -92,7 +94,8 @@ def _configuration(name: str, spacing: list[float], median_shape: list[float], t
     dim = 2 if name == "2d" else 3
     plan_spacing = spacing[1:] if dim == 2 else spacing
     plan_shape = median_shape[1:] if dim == 2 else median_shape
-    net = _network_and_batch(plan_spacing, plan_shape, dim, task.num_channels, task.num_classes, options)
+    net = _network_and_batch(plan_spacing, plan_shape, dim, task.num_channels, task.num_classes, options,
+                             max_patients=dp_block["num_patients"])
     topo = net["topology"]
     anisotropic = dim == 3 and max(spacing) / min(spacing) > ANISOTROPY_THRESHOLD
     k = dp_block["patches_per_patient"]

@@ -10,6 +10,7 @@ Google's `dp-accounting` is the independent oracle in the tests (PLD for PRV, RD
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -87,12 +88,12 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _prv_epsilon(history: History, delta: float) -> float:
+def _prv_epsilon(history: History, delta: float, refine: bool = True) -> float:
     acc = PRVAccountant()
     acc.history = [(float(s), float(q), int(t)) for s, q, t in history]
     eps = acc.get_epsilon(delta, eps_error=PRV_MAX_ABSOLUTE_ERROR)
     wanted = _prv_error_for(eps)
-    if wanted < PRV_MAX_ABSOLUTE_ERROR:
+    if refine and wanted < PRV_MAX_ABSOLUTE_ERROR:
         eps = acc.get_epsilon(delta, eps_error=wanted)
     return float(eps)
 
@@ -107,7 +108,9 @@ def _rdp_epsilon(history: History, delta: float) -> float:
     return float(acc.get_epsilon(delta, alphas=list(RDP_ORDERS)))
 
 
-def epsilon_for_history(history: Sequence[Sequence[float]], delta: float, accountant: str = PRIMARY_ACCOUNTANT) -> float:
+def epsilon_for_history(
+    history: Sequence[Sequence[float]], delta: float, accountant: str = PRIMARY_ACCOUNTANT
+) -> float:
     """Epsilon after composing every (sigma, q, steps) entry of `history` (any order: composition commutes)."""
     _check_accountant(accountant)
     _check_delta(delta)
@@ -123,11 +126,19 @@ def epsilon_for_history(history: Sequence[Sequence[float]], delta: float, accoun
         return 0.0
     if any(sigma == 0.0 for sigma, _, _ in entries):
         return math.inf  # a step without noise releases an unbounded amount
+    return _cached_epsilon(tuple(entries), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    # PRV takes 0.1-1 s per call and trainers, reports and calibration ask the same questions repeatedly
     try:
         with _quiet():
-            return _prv_epsilon(entries, delta) if accountant == "prv" else _rdp_epsilon(entries, delta)
+            return _prv_epsilon(list(entries), delta) if accountant == "prv" else _rdp_epsilon(list(entries), delta)
     except (ValueError, OverflowError, MemoryError, FloatingPointError) as e:
-        raise DpunetError(f"the {accountant} accountant failed for history {entries} and delta {delta}: {e}") from e
+        raise DpunetError(
+            f"the {accountant} accountant failed for history {list(entries)} and delta {delta}: {e}"
+        ) from e
 
 
 def epsilon_spent(
@@ -179,8 +190,13 @@ def calibrate_noise_multiplier(
     if not epsilon_tolerance > 0:
         raise DpunetError(f"epsilon tolerance must be > 0, got {epsilon_tolerance!r}")
 
-    # cheap feasibility check first: Opacus' search would otherwise double sigma up to 1e6
-    eps_at_max = epsilon_spent(max_noise_multiplier, sample_rate, steps, delta, accountant)
+    # Feasibility first (Opacus' search would double sigma up to 1e6). RDP is cheap and an upper bound;
+    # only when it says no is the (slow at large sigma, tiny epsilon) PRV asked, with its coarse error.
+    eps_at_max = epsilon_spent(max_noise_multiplier, sample_rate, steps, delta, "rdp")
+    if eps_at_max > epsilon and accountant == "prv":
+        with _quiet():
+            at_max = [(float(max_noise_multiplier), float(sample_rate), int(steps))]
+            eps_at_max = _prv_epsilon(at_max, delta, refine=False)
     if eps_at_max > epsilon:
         raise DpunetError(
             f"epsilon={epsilon} (delta={delta}) cannot be reached with q={sample_rate} and T={steps} steps: even "
@@ -293,7 +309,8 @@ class PrivacyLedger:
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
         self._counts: dict[tuple[float, float], int] = {}
-        self._cache: dict[tuple, float] = {}
+        # histories verified to stay within a budget: (counts, delta, accountant, budget)
+        self._within_budget: list[tuple[dict[tuple[float, float], int], float, str, float]] = []
 
     # -- recording
     def step(self, noise_multiplier: float | None = None, sample_rate: float | None = None, num_steps: int = 1) -> None:
@@ -317,17 +334,11 @@ class PrivacyLedger:
         return [(s, q, t) for (s, q), t in self._counts.items() if t > 0]
 
     # -- querying
-    def _epsilon(self, history: History, delta: float, accountant: str) -> float:
-        key = (tuple(history), float(delta), accountant)
-        if key not in self._cache:  # PRV takes ~0.1-1 s: trainers may ask every step
-            self._cache[key] = epsilon_for_history(history, delta, accountant)
-        return self._cache[key]
-
     def epsilon(self, delta: float, accountant: str = PRIMARY_ACCOUNTANT, repetitions: int = 1) -> float:
         """Epsilon spent so far (`repetitions` > 1: the same training repeated, e.g. ensemble members)."""
         _check_steps(repetitions, minimum=1)
         history = [(s, q, t * int(repetitions)) for s, q, t in self.history]
-        return self._epsilon(history, delta, accountant)
+        return epsilon_for_history(history, delta, accountant)
 
     def would_exceed(
         self,
@@ -339,7 +350,12 @@ class PrivacyLedger:
         sample_rate: float | None = None,
     ) -> bool:
         """True if taking `extra_steps` more steps (with the ledger's or the given sigma, q) would spend
-        more than `budget_epsilon`. Call it with the remaining planned steps at start and on resume."""
+        more than `budget_epsilon`.
+
+        Call it once with all remaining planned steps at the start of a run and on resume: a history that
+        passed is remembered, and any later question about a history it contains (fewer steps of the same
+        mechanisms) is answered without running the accountant again, since epsilon only grows with steps.
+        """
         _check_steps(extra_steps)
         if isinstance(budget_epsilon, (int, float)) and math.isinf(budget_epsilon) and budget_epsilon > 0:
             return False
@@ -351,8 +367,15 @@ class PrivacyLedger:
                 raise DpunetError("PrivacyLedger.would_exceed needs a noise multiplier and a sample rate")
             key = (float(sigma), float(q))
             counts[key] = counts.get(key, 0) + int(extra_steps)
+        for ok_counts, ok_delta, ok_accountant, ok_budget in self._within_budget:
+            if (ok_delta == delta and ok_accountant == accountant and ok_budget <= budget_epsilon
+                    and all(t <= ok_counts.get(key, 0) for key, t in counts.items() if t > 0)):
+                return False
         history = [(s, qq, t) for (s, qq), t in counts.items() if t > 0]
-        return self._epsilon(history, delta, accountant) > budget_epsilon
+        exceeds = epsilon_for_history(history, delta, accountant) > budget_epsilon
+        if not exceeds:
+            self._within_budget.append((counts, float(delta), accountant, float(budget_epsilon)))
+        return exceeds
 
     # -- persistence
     def state_dict(self) -> dict[str, Any]:
@@ -380,7 +403,6 @@ class PrivacyLedger:
         self.noise_multiplier = None if sigma0 is None else float(sigma0)
         self.sample_rate = None if q0 is None else float(q0)
         self._counts = counts
-        self._cache.clear()
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "PrivacyLedger":

@@ -150,9 +150,9 @@ def build_privacy_report(
             acc: _json_number(epsilon_for_history(history, delta, acc))
             for acc in (PRIMARY_ACCOUNTANT, CROSS_CHECK_ACCOUNTANT)
         }
-    if fingerprint_epsilon is not None:
-        total = epsilon[PRIMARY_ACCOUNTANT] + float(fingerprint_epsilon)
-        report["fingerprint"] = {"epsilon": _json_number(fingerprint_epsilon), "delta": float(fingerprint_delta)}
+    if fingerprint_epsilon or fingerprint_delta:  # None or 0: no DP release of dataset statistics
+        total = epsilon[PRIMARY_ACCOUNTANT] + float(fingerprint_epsilon or 0.0)
+        report["fingerprint"] = {"epsilon": _json_number(fingerprint_epsilon or 0.0), "delta": float(fingerprint_delta)}
         report["total"] = {
             "epsilon": _json_number(total),
             "delta": float(delta) + float(fingerprint_delta),
@@ -208,7 +208,8 @@ def render_privacy_report_markdown(report: dict[str, Any]) -> str:
         ("Models per patient (ensemble)", str(report["ensemble_repetitions"])),
     ]
     if "epsilon_per_model" in report:
-        rows.append((f"epsilon per model ({acc['primary'].upper()})", _fmt(report["epsilon_per_model"][acc["primary"]])))
+        per_model = report["epsilon_per_model"][acc["primary"]]
+        rows.append((f"epsilon per model ({acc['primary'].upper()})", _fmt(per_model)))
     if "fingerprint" in report:
         rows.append(("Fingerprint (dataset statistics) epsilon", _fmt(report["fingerprint"]["epsilon"])))
         rows.append(
@@ -224,7 +225,9 @@ def render_privacy_report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_privacy_report(report: dict[str, Any], json_path: str | os.PathLike, markdown_path: str | os.PathLike | None = None) -> None:
+def write_privacy_report(
+    report: dict[str, Any], json_path: str | os.PathLike, markdown_path: str | os.PathLike | None = None
+) -> None:
     """Write privacy_report.json and (next to it by default) privacy_report.md, both atomically."""
     write_json(report, json_path)
     md = markdown_path if markdown_path is not None else os.path.splitext(os.fspath(json_path))[0] + ".md"

@@ -114,8 +114,9 @@ def source_patch_size(params: dict[str, Any]) -> list[int]:
     """Size of the patch to cut so the spatial transform never samples outside it.
 
     The output grid is rotated by at most the configured angles and then scaled by at most
-    `spatial["source_cover_scale"]` (default: the largest scale); the source patch is concentric with the output patch and (source - patch) is even on every axis so that
-    the transformed and the untransformed (centre-cropped) paths agree to the voxel.
+    `spatial["source_cover_scale"]` (default: the largest scale). The source patch is concentric with the output
+    patch and (source - patch) is even on every axis, so that the transformed and the untransformed
+    (centre-cropped) paths agree to the voxel.
     """
     patch = [int(p) for p in params["patch_size"]]
     spatial = params.get("spatial")

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "opacus_hooks, reference_loop)")
     p.add_argument("--patients-per-micro-batch", type=int, default=None, help="physical micro-batch (patients)")
     p.add_argument("--num-workers", type=int, default=None, help="background data-loading processes")
+    p.add_argument("--no-augmentation", dest="augmentation", action="store_false", default=None,
+                   help="patches without data augmentation (ablations, debugging)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--checkpoint-minutes", type=float, default=None, help="minutes between checkpoint_latest.pt")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = DPTrainer(cfg)
     result = trainer.run(resume=args.resume)
     report = result["report"]
-    print(f"privacy: epsilon {report['epsilon_prv']} (PRV) / {report['epsilon_rdp']} (RDP) at delta {cfg.delta}, "
+    print(f"privacy: epsilon {report['epsilon']['prv']} (PRV) / {report['epsilon']['rdp']} (RDP) at delta {cfg.delta}, "
           f"sigma {report['noise_multiplier']}, q {report['sample_rate']:.4f}, T {report['steps_taken']}")
     if result["validation"]:
         mean = result["validation"]["mean"]

@@ -38,6 +38,7 @@ class TrainingConfig:
     device: str = "cpu"
     engine: str = "auto"
     num_workers: int = 0
+    augmentation: bool = True
     patients_per_micro_batch: int | None = None
     checkpoint_minutes: float = 5.0
     checkpoint_every_steps: int | None = None

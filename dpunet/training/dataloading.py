@@ -40,6 +40,7 @@ class PreprocessedCaseStore:
     def __init__(self, folder: str | Path, case_ids: Sequence[str], cache: bool = True) -> None:
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
+        self._known = set(self.case_ids)
         self.cache = cache
         self._cases: dict[str, PreprocessedCase] = {}
         if not self.folder.is_dir():
@@ -52,10 +53,6 @@ class PreprocessedCaseStore:
 
     def __contains__(self, case_id: str) -> bool:
         return case_id in self._known
-
-    @property
-    def _known(self) -> set[str]:
-        return set(self.case_ids)
 
     def __getstate__(self) -> dict[str, Any]:
         # a spawned worker reloads what it needs rather than receiving every cached volume through a pipe
@@ -156,7 +153,8 @@ class PatientPatchSampler:
         if self.patches_per_patient < 1:
             raise DpunetError(f"patches per patient must be >= 1, got {patches_per_patient}")
         if not 0.0 <= self.oversample_foreground_fraction <= 1.0:
-            raise DpunetError(f"oversample_foreground_fraction must lie in [0, 1], got {oversample_foreground_fraction}")
+            raise DpunetError(f"oversample_foreground_fraction must lie in [0, 1], got "
+                              f"{oversample_foreground_fraction}")
         for patient, cases in self.patients.items():
             if not cases:
                 raise DpunetError(f"patient {patient} has no cases")
@@ -226,8 +224,8 @@ class PatientPatchSampler:
     # -- batches ---------------------------------------------------------------------------------------------
     def make_patient_arrays(self, patient_ids: Sequence[str], step: int, seed: int
                             ) -> tuple[np.ndarray, np.ndarray]:
-        """The patches of `make_patient_batch` as numpy: data float32 (B, K, C, *patch), seg int16 (B, K, 1, *patch).
-        """
+        """The patches of `make_patient_batch` as numpy arrays (what workers send back): data float32
+        (B, K, C, *patch) and seg int16 (B, K, 1, *patch)."""
         unknown = [p for p in patient_ids if p not in self.patients]
         if unknown:
             raise DpunetError(f"unknown patient id(s) {unknown[:5]} for this sampler")
@@ -245,7 +243,8 @@ class PatientPatchSampler:
         if self.deep_supervision_strides is None:
             targets = [seg_t]
         else:
-            targets = [t.contiguous() for t in downsample_seg_for_deep_supervision(seg_t, self.deep_supervision_strides)]
+            levels = downsample_seg_for_deep_supervision(seg_t, self.deep_supervision_strides)
+            targets = [t.contiguous() for t in levels]
         return PatientBatch(torch.from_numpy(data), targets)
 
     def make_patient_batch(self, patient_ids: Sequence[str], step: int, seed: int) -> PatientBatch:

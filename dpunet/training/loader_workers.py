@@ -262,6 +262,10 @@ class BackgroundPatientLoader:
                 error = DpunetError(f"data loader produced no batch for step {step} within {self.timeout_s:.0f} s")
             arrays = None if error is not None else [inbox.results.pop(k) for k in keys]
         if error is not None:
+            # a broken pool is not shut down politely: a dead worker may hold the task queue's lock for good
+            for p in self._processes:
+                if p.is_alive():
+                    p.terminate()
             self.close()
             raise error
         return [self.sampler.to_patient_batch(*a) for a in arrays]

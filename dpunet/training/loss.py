@@ -119,7 +119,7 @@ class SegmentationLoss(nn.Module):
             target = target.unsqueeze(1)
         if target.shape[0] != logits.shape[0] or target.shape[2:] != logits.shape[2:]:
             raise DpunetError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
-        logits = logits.float()  # losses in fp32 also under autocast
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32 under autocast
         target = target.long()
         spatial_dims = tuple(range(2, logits.ndim))
 

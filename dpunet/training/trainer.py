@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from dpunet.privacy.sampling import PoissonPatientSampler
 from dpunet.training.checkpoint import load_checkpoint, save_checkpoint
 from dpunet.training.config import TrainingConfig
 from dpunet.training.dataloading import PatientPatchSampler, PreprocessedCaseStore, iterate_micro_batches
+from dpunet.training.loader_workers import BackgroundPatientLoader
 from dpunet.training.ema import WeightEMA
 from dpunet.training.loss import SegmentationLoss, deep_supervision_weights
 from dpunet.training.progress import TrainingLog, plot_progress
@@ -139,24 +141,48 @@ class DPTrainer:
         strides = self.arch["kwargs"]["strides"] if cfg.deep_supervision else None
         self.patch_sampler = PatientPatchSampler(
             store, self.patients, pc["patch_size"], cfg.patches_per_patient, pc["oversample_foreground_fraction"],
-            pc.get("augmentation"), pc["dim"], self.task.ignore_label, strides)
+            pc.get("augmentation") if cfg.augmentation else None, pc["dim"], self.task.ignore_label, strides)
         self.patients_per_micro_batch = max(1, cfg.patients_per_micro_batch or 1)
+        self.loader: BackgroundPatientLoader | None = None
+        # patient draws made ahead of training (for prefetching): (step index, patients, sampler state before)
+        self.pending: deque[tuple[int, list[str], dict]] = deque()
+
+    def _open_loader(self) -> None:
+        self.loader = BackgroundPatientLoader(self.patch_sampler, self.cfg.num_workers, self.cfg.seed,
+                                              prefetch_steps=2)
+
+    def _draw_ahead(self) -> None:
+        """Poisson draws for the next few steps, submitted to the loader; the sampler state before each draw is
+        kept so a checkpoint records the state of the first step not yet trained."""
+        depth = 1 + (2 if self.cfg.num_workers > 0 else 0)
+        next_step = self.pending[-1][0] + 1 if self.pending else self.step
+        while len(self.pending) < depth and next_step < self.cfg.steps:
+            state = self.sampler.state_dict()
+            patients = self.sampler.sample()
+            self.pending.append((next_step, patients, state))
+            self.loader.submit(next_step, iterate_micro_batches(patients, self.patients_per_micro_batch))
+            next_step += 1
+
+    def sampler_state(self) -> dict:
+        return self.pending[0][2] if self.pending else self.sampler.state_dict()
 
     # ----- one logical step ---------------------------------------------------------------------------
-    def _micro_batch(self, patient_ids: list[str]) -> PatientBatch:
-        batch = self.patch_sampler.make_patient_batch(patient_ids, self.step, self.cfg.seed)
+    def _to_device(self, batch: PatientBatch) -> PatientBatch:
         return PatientBatch(batch.data.to(self.device, non_blocking=True),
                             [t.to(self.device, non_blocking=True) for t in batch.targets])
 
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        patients = self.sampler.sample()
+        self._draw_ahead()
+        step_index, patients, _ = self.pending.popleft()
+        assert step_index == self.step, (step_index, self.step)
+        micro_batches = self.loader.get(step_index)
         self.engine.zero()
         loss_sum, clipped, nonfinite = 0.0, 0, 0
         self.model.train()
-        for chunk in iterate_micro_batches(patients, self.patients_per_micro_batch):
-            stats = self.engine.accumulate(self._micro_batch(chunk))
+        for batch in micro_batches:
+            stats = self.engine.accumulate(self._to_device(batch))
             loss_sum += stats.loss_sum
             clipped += stats.num_clipped
             nonfinite += stats.num_nonfinite
@@ -172,6 +198,7 @@ class DPTrainer:
         self.ema.update(self.model)
         self.ledger.step()
         self.step += 1
+        self._draw_ahead()  # lets workers prepare the next steps while the caller logs and checkpoints
         return {"step": self.step, "patients_sampled": len(patients),
                 "loss_noisy_step": loss_sum / len(patients) if patients else "",
                 "fraction_clipped": clipped / len(patients) if patients and cfg.private else "",
@@ -195,7 +222,7 @@ class DPTrainer:
             "weights": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.sampler_state(),
             "ledger": self.ledger.state_dict(),
             "noise_generator": self.noise_generator.get_state(),
             "privacy_parameters": self.privacy_parameters(),
@@ -246,8 +273,19 @@ class DPTrainer:
         write_json({"training_config": cfg.to_dict(), "privacy_parameters": self.privacy_parameters(),
                     "architecture": self.arch, "engine": self.engine_description()},
                    self.output_dir / "run_config.json")
+        if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, extra_steps=cfg.steps - self.step,
+                                                    accountant="prv"):
+            raise DpunetError(f"{cfg.steps - self.step} more steps would exceed epsilon {cfg.epsilon}; refusing to train")
         last_save = time.monotonic()
         session_steps = 0
+        self._open_loader()
+        try:
+            return self._train_loop(last_save, session_steps, stop_after_steps)
+        finally:
+            self.loader.close()
+
+    def _train_loop(self, last_save: float, session_steps: int, stop_after_steps: int | None) -> dict[str, Any] | None:
+        cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.task_name} fold {cfg.fold}", unit="step")
         while self.step < cfg.steps:
             if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, accountant="prv"):
@@ -296,15 +334,16 @@ class DPTrainer:
             summary = self.validate()
         self.log.write()
         plot_progress(self.log, self.validation_curve, self.output_dir / "progress.png",
-                      f"{self.task_name} {cfg.configuration} fold {cfg.fold} eps {report['epsilon_target']}")
+                      f"{self.task_name} {cfg.configuration} fold {cfg.fold} eps {report['target_epsilon']}")
         self.save_latest()
         return {"report": report, "validation": summary, "output_dir": str(self.output_dir)}
 
     def validate(self) -> dict[str, Any]:
         from dpunet.training.validation import mean_foreground_dice, validate_fold
 
-        model = build_network(self.arch, self.task.num_channels, self.num_classes, deep_supervision=False)
+        model = build_network(self.arch, self.task.num_channels, self.num_classes, self.cfg.deep_supervision)
         model.load_state_dict(self.inference_weights())
+        model.deep_supervision = False  # full-resolution head only
         model.to(self.device)
         summary = validate_fold(model, self.task, self.val_cases, self.data_dir, self.plan_config, self.num_classes,
                                 self.output_dir / "validation", self.cfg.validation_step_size,
@@ -331,30 +370,24 @@ class DPTrainer:
         if fp.get("epsilon"):
             touches_covered.append(f"DP intensity statistics for normalisation (epsilon {fp['epsilon']})")
         return build_privacy_report(
-            private=cfg.private,
-            epsilon_target=cfg.epsilon,
-            epsilon_prv=self.epsilon_now("prv"),
-            epsilon_rdp=self.epsilon_now("rdp"),
-            delta=cfg.delta,
             num_patients=self.num_patients,
-            num_cases=len(self.train_cases),
             sample_rate=self.sample_rate,
-            expected_batch_size=cfg.patients_per_step,
-            steps_planned=cfg.steps,
-            steps_taken=self.step,
-            patches_per_patient=cfg.patches_per_patient,
             noise_multiplier=self.noise_multiplier,
             clip_norm=cfg.clip_norm if cfg.private else None,
+            delta=cfg.delta,
+            target_epsilon=cfg.epsilon,
+            steps_planned=cfg.steps,
+            patches_per_patient=cfg.patches_per_patient,
+            ledger=self.ledger,
             data_touches_covered=touches_covered,
             data_touches_not_covered=touches_not,
             fingerprint_epsilon=float(fp.get("epsilon", 0.0) or 0.0),
             fingerprint_delta=float(fp.get("delta", 0.0) or 0.0),
-            public_data=["none (no pretraining)"],
+            public_data=["none (no pretraining, no public data)"],
             caveats=caveats,
-            task=self.task_name,
-            configuration=cfg.configuration,
-            fold=cfg.fold,
-            engine=self.engine.name,
-            model_selection="EMA weights of the final step" if cfg.evaluate_ema else "final weights",
+            extra={"task": self.task_name, "configuration": cfg.configuration, "fold": cfg.fold,
+                   "num_cases": len(self.train_cases), "engine": self.engine.name,
+                   "model_for_inference": "EMA of the weights at the final step" if cfg.evaluate_ema
+                   else "weights at the final step"},
         )
 

@@ -303,9 +303,10 @@ class FastGradientEngine(GradientEngine):
                 if self._roots:
                     torch.autograd.grad(patient_losses.sum(), self._roots, allow_unused=True)
                 del outputs
-            norms = self._patient_norms(b, data.device)
-            factors, finite, num_clipped, num_nonfinite = finalize_per_patient(norms, self.clip_norm)
-            self._add_clipped_sum(factors, finite, num_nonfinite > 0)
+            with torch.no_grad():  # the kept activations are part of the graph: build nothing on them
+                norms = self._patient_norms(b, data.device)
+                factors, finite, num_clipped, num_nonfinite = finalize_per_patient(norms, self.clip_norm)
+                self._add_clipped_sum(factors, finite, num_nonfinite > 0)
             self._last_plans = self._collect_plans()
             loss_sum = float(patient_losses.detach().sum())
         finally:
@@ -392,3 +393,13 @@ class FastGradientEngine(GradientEngine):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def _register() -> None:
+    # the registry imports the other engines, not this one: importing it here is not circular
+    from dpunet.privacy.engines.registry import register_engine
+
+    register_engine(FastGradientEngine.name, FastGradientEngine)
+
+
+_register()

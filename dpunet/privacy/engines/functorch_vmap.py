@@ -46,7 +46,9 @@ class FunctorchEngine(GradientEngine):
     def _patient_loss_fn(self):
         model, loss_fn = self.model, self.loss_fn
 
-        def patient_loss(params: dict[str, Tensor], constants: dict[str, Tensor], data: Tensor, targets: Sequence[Tensor]):
+        def patient_loss(
+            params: dict[str, Tensor], constants: dict[str, Tensor], data: Tensor, targets: Sequence[Tensor]
+        ):
             # inside vmap: data (K, C, *spatial), targets [(K, 1, *spatial_l)]: one patient's K patches
             outputs = functional_call(model, (params, constants), (data,))
             loss = loss_fn(outputs, list(targets)).mean()
@@ -72,7 +74,8 @@ class FunctorchEngine(GradientEngine):
         all_norms, all_losses = [], []
         for start in range(0, batch.num_patients, chunk):
             stop = min(start + chunk, batch.num_patients)
-            grads, losses = per_patient(params, constants, batch.data[start:stop], [t[start:stop] for t in batch.targets])
+            targets = [t[start:stop] for t in batch.targets]
+            grads, losses = per_patient(params, constants, batch.data[start:stop], targets)
             per_patient_grads = [grads[n] for n in self.param_names]
             norms = per_patient_norms(per_patient_grads)
             factors, _, _, _ = finalize_per_patient(norms, self.clip_norm)
@@ -82,4 +85,5 @@ class FunctorchEngine(GradientEngine):
             del grads, per_patient_grads
         norms_t = torch.cat(all_norms)
         _, _, num_clipped, num_nonfinite = finalize_per_patient(norms_t, self.clip_norm)
-        return AccumulationStats(batch.num_patients, float(torch.cat(all_losses).sum()), norms_t, num_clipped, num_nonfinite)
+        loss_sum = float(torch.cat(all_losses).sum())
+        return AccumulationStats(batch.num_patients, loss_sum, norms_t, num_clipped, num_nonfinite)

@@ -87,7 +87,8 @@ class OpacusHooksEngine(GradientEngine):
         factors, _, num_clipped, num_nonfinite = finalize_per_patient(norms, self.clip_norm)
         add_weighted_sum(self.summed_grad, per_patient_grads, factors)
         patient_losses = patch_losses.detach().float().reshape(num_patients, k).mean(1)
-        return AccumulationStats(num_patients, float(patient_losses.sum()), norms.detach().cpu(), num_clipped, num_nonfinite)
+        loss_sum = float(patient_losses.sum())
+        return AccumulationStats(num_patients, loss_sum, norms.detach().cpu(), num_clipped, num_nonfinite)
 
     def close(self) -> None:
         """Remove Opacus' hooks and the attributes it put on the parameters; the model is plain again."""

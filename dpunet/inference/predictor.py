@@ -1,0 +1,349 @@
+"""Predict a folder of images with the trained fold models of one run (`dpunet_predict`, `predict_folder`).
+
+Per case: read (MSD or nnU-Net channel naming) -> preprocess exactly as in training (the plan configuration
+stored in the checkpoint) -> sliding window per fold model (Gaussian tiles, mirroring TTA over the plan's
+mirror axes) -> softmax averaged over the folds -> preprocessing undone on the probabilities -> argmax ->
+`<case>.nii.gz` in the input's geometry. Worker processes read/preprocess and restore/write; the networks run
+in the main process. Every file in the output folder is written atomically, and every input is checked
+before anything is written. The output folder also receives the ensemble's privacy note.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dpunet.architectures import build_network
+from dpunet.evaluation.cross_validation import format_epsilon, run_folder_name
+from dpunet.inference.case_io import (InputCase, check_input_channels, export_prediction, find_input_cases,
+                                      preprocess_input_case)
+from dpunet.inference.ensemble_privacy import (case_to_patient_map, ensemble_privacy_note, read_model_privacy,
+                                               training_membership, write_privacy_note)
+from dpunet.inference.sliding_window import predict_case
+from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
+from dpunet.preprocessing.preprocessor import config_fingerprint
+from dpunet.training.checkpoint import load_checkpoint
+from dpunet.utils.errors import DpunetError
+from dpunet.utils.files import load_json
+
+DEFAULT_FOLDS = ("0", "1", "2", "3", "4")
+DEFAULT_NUM_FOLDS = 5  # when splits_final.json is not at hand
+
+
+@dataclass
+class FoldModel:
+    """One trained fold network, ready for inference, and what it was trained with."""
+
+    fold: str
+    network: nn.Module
+    checkpoint_path: Path
+    plan_configuration: dict[str, Any]
+    num_classes: int
+    num_channels: int
+    weights_used: str  # "ema" or "final"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.checkpoint_path.parent
+
+
+@dataclass
+class PredictionSettings:
+    step_size: float = 0.5
+    use_mirroring: bool = True
+    tile_batch_size: int = 4
+    use_gaussian: bool = True
+
+
+@dataclass
+class PredictionResult:
+    output_folder: Path
+    case_ids: list[str]
+    written: list[Path] = field(default_factory=list)
+    privacy_note: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- locating runs
+def normalise_folds(folds: Sequence[int | str] | int | str | None, num_folds: int = DEFAULT_NUM_FOLDS) -> list[str]:
+    """Fold names ('0'..'n-1' or 'all'), checked, duplicates removed, order kept."""
+    if folds is None:
+        folds = list(DEFAULT_FOLDS[:num_folds])
+    if isinstance(folds, (int, str)):
+        folds = [folds]
+    names: list[str] = []
+    for fold in folds:
+        text = str(fold).strip()
+        if text != "all" and not (text.isdigit() and int(text) < num_folds):
+            raise DpunetError(f"fold {fold!r} does not exist: choose from 0..{num_folds - 1} or 'all'")
+        text = text if text == "all" else str(int(text))
+        if text not in names:
+            names.append(text)
+    if not names:
+        raise DpunetError("no folds given")
+    return names
+
+
+def _resolve_task_name(task: str | int) -> str:
+    return resolve_task(task, results_root(), preprocessed_root(), raw_root())
+
+
+def _planned_configurations(task_name: str) -> list[str] | None:
+    plans = preprocessed_root() / task_name / "dpunet_plans.json"
+    return list(load_json(plans)["configurations"]) if plans.is_file() else None
+
+
+def default_configuration(task_name: str, arch: str, epsilon: float) -> str:
+    """3d_fullres when planned (as dpunet_train), else the first planned one, else the only trained one."""
+    planned = _planned_configurations(task_name)
+    if planned:
+        return "3d_fullres" if "3d_fullres" in planned else planned[0]
+    prefix, suffix = f"{arch}__", f"__eps{format_epsilon(epsilon)}"
+    task_dir = results_root() / task_name
+    found = sorted(d.name[len(prefix):-len(suffix)] for d in task_dir.glob(f"{prefix}*{suffix}") if d.is_dir()) \
+        if task_dir.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    raise DpunetError(f"choose a configuration with -c: {task_dir} holds {found or 'no'} trained configurations "
+                      f"for arch {arch} and eps {format_epsilon(epsilon)}")
+
+
+def run_directory(task_name: str, configuration: str, epsilon: float, arch: str) -> Path:
+    """results_root()/<Task>/<arch>__<configuration>__eps<e>, with a clear error when it does not exist."""
+    run_dir = results_root() / task_name / run_folder_name(arch, configuration, epsilon)
+    if run_dir.is_dir():
+        return run_dir
+    planned = _planned_configurations(task_name)
+    if planned is not None and configuration not in planned:
+        raise DpunetError(f"configuration '{configuration}' is not planned for {task_name} "
+                          f"(planned: {', '.join(planned)})")
+    task_dir = results_root() / task_name
+    runs = sorted(d.name for d in task_dir.iterdir() if d.is_dir()) if task_dir.is_dir() else []
+    raise DpunetError(f"{run_dir} not found: no trained models for {task_name}, configuration {configuration}, "
+                      f"arch {arch}, eps {format_epsilon(epsilon)} (runs there: {', '.join(runs) or 'none'}); "
+                      f"train them with dpunet_train {task_name} FOLD --eps {format_epsilon(epsilon)} "
+                      f"-c {configuration} --arch {arch}")
+
+
+def _train_command(task_name: str, fold: str, configuration: str, epsilon: float, arch: str) -> str:
+    return f"dpunet_train {task_name} {fold} --eps {format_epsilon(epsilon)} -c {configuration} --arch {arch}"
+
+
+def _network_from_checkpoint(state: dict[str, Any], path: Path) -> tuple[nn.Module, str]:
+    """Build the trained architecture, load the inference weights (EMA when the run says so)."""
+    try:
+        arch, num_classes, num_channels = state["architecture"], int(state["num_classes"]), int(state["num_channels"])
+        which = state.get("inference_weights", "final")
+        weights = state["ema"]["shadow"] if which == "ema" else state["weights"]
+    except (KeyError, TypeError) as e:
+        raise DpunetError(f"{path}: checkpoint lacks {e} needed for inference") from None
+    if which not in ("ema", "final"):
+        raise DpunetError(f"{path}: unknown inference_weights {which!r} (expected 'ema' or 'final')")
+    # deep-supervision heads are part of the weights: build as trained, then use the full-resolution output only
+    num_heads = len({k.split(".")[2] for k in weights if k.startswith("decoder.heads.")})
+    network = build_network(arch, num_channels, num_classes, deep_supervision=num_heads > 1)
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as e:
+        raise DpunetError(f"{path}: weights do not fit the stored architecture ({e})") from None
+    network.deep_supervision = False
+    network.eval()
+    return network, which
+
+
+def load_fold_model(checkpoint_path: str | Path, fold: str = "", device: str | torch.device = "cpu") -> FoldModel:
+    """One checkpoint_final.pt as a FoldModel on `device`."""
+    path = Path(checkpoint_path)
+    state = load_checkpoint(path, "cpu")
+    network, which = _network_from_checkpoint(state, path)
+    if "plan_configuration" not in state:
+        raise DpunetError(f"{path}: checkpoint lacks the plan configuration")
+    return FoldModel(fold=str(fold), network=network.to(device), checkpoint_path=path,
+                     plan_configuration=state["plan_configuration"], num_classes=int(state["num_classes"]),
+                     num_channels=int(state["num_channels"]), weights_used=which)
+
+
+def load_fold_models(task: str | int, configuration: str | None, folds: Sequence[int | str] | int | str | None,
+                     epsilon: float, arch: str = "unet", device: str | torch.device = "cpu"
+                     ) -> tuple[str, str, list[FoldModel]]:
+    """(task name, configuration, fold models) for a run; every problem is a DpunetError naming the path."""
+    task_name = _resolve_task_name(task)
+    configuration = configuration or default_configuration(task_name, arch, epsilon)
+    splits_path = preprocessed_root() / task_name / "splits_final.json"
+    num_folds = len(load_json(splits_path)) if splits_path.is_file() else DEFAULT_NUM_FOLDS
+    fold_names = normalise_folds(folds, num_folds)
+    run_dir = run_directory(task_name, configuration, epsilon, arch)
+    models = []
+    for fold in fold_names:
+        path = run_dir / f"fold_{fold}" / "checkpoint_final.pt"
+        if not path.is_file():
+            command = _train_command(task_name, fold, configuration, epsilon, arch)
+            if (path.parent / "checkpoint_latest.pt").is_file():
+                raise DpunetError(f"{path} not found: the training of fold {fold} is unfinished; finish it with "
+                                  f"{command} --continue")
+            raise DpunetError(f"{path} not found: train fold {fold} with {command}")
+        models.append(load_fold_model(path, fold, device))
+    first = models[0]
+    for m in models[1:]:
+        if (m.num_classes, m.num_channels) != (first.num_classes, first.num_channels):
+            raise DpunetError(f"{m.checkpoint_path}: {m.num_channels} channels / {m.num_classes} classes, but "
+                              f"{first.checkpoint_path} has {first.num_channels} / {first.num_classes}")
+        if config_fingerprint(m.plan_configuration) != config_fingerprint(first.plan_configuration):
+            raise DpunetError(f"{m.checkpoint_path}: preprocessed differently from {first.checkpoint_path}; the "
+                              f"folds of an ensemble must share their plan configuration")
+    return task_name, configuration, models
+
+
+# --------------------------------------------------------------------------------------------- ensemble
+class EnsemblePredictor:
+    """Softmax of a preprocessed case, averaged over the fold models."""
+
+    def __init__(self, models: Sequence[FoldModel], settings: PredictionSettings | None = None) -> None:
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        self.models = list(models)
+        self.settings = settings or PredictionSettings()
+
+    @property
+    def num_classes(self) -> int:
+        return self.models[0].num_classes
+
+    def predict(self, data: np.ndarray) -> np.ndarray:
+        s = self.settings
+        total = None
+        for m in self.models:
+            config = m.plan_configuration
+            mirror_axes = config.get("mirror_axes", []) if s.use_mirroring else []
+            probs = predict_case(m.network, data, config["patch_size"], m.num_classes, s.step_size, mirror_axes,
+                                 s.tile_batch_size, s.use_gaussian)
+            total = probs if total is None else total + probs
+        return total / len(self.models)
+
+
+# --------------------------------------------------------------------------------------- worker plumbing
+class _InlineExecutor:
+    """The ProcessPoolExecutor interface, run in the calling process (-np 0 or 1)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # handed to .result() like a worker's exception
+            future.set_exception(e)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def _make_executor(num_processes: int) -> Any:
+    if num_processes <= 1:
+        return _InlineExecutor()
+    # spawn: the parent holds torch (threads, maybe CUDA), which forked children must not inherit
+    return ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn"))
+
+
+# ------------------------------------------------------------------------------------------ privacy note
+def _membership(task_name: str, folds: Sequence[str]) -> dict[str, frozenset[str]] | None:
+    pre = preprocessed_root() / task_name
+    splits_path = pre / "splits_final.json"
+    if not splits_path.is_file():
+        return None
+    splits = load_json(splits_path)
+    mapping: dict[str, str] = {}
+    for folder in (pre, raw_root() / task_name):
+        if (folder / "dataset.json").is_file():
+            mapping = case_to_patient_map(folder)
+            break
+    return training_membership(splits, folds, mapping)
+
+
+def build_privacy_note(task_name: str, configuration: str, arch: str, epsilon: float,
+                       models: Sequence[FoldModel]) -> dict[str, Any]:
+    privacy = [read_model_privacy(m.fold, m.run_dir / "privacy_report.json") for m in models]
+    context = {"task": task_name, "configuration": configuration, "arch": arch,
+               "epsilon_target": format_epsilon(epsilon)}
+    return ensemble_privacy_note(privacy, _membership(task_name, [m.fold for m in models]), context)
+
+
+# ------------------------------------------------------------------------------------------------ API
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DpunetError("--device cuda requested but no CUDA device is available")
+    return device
+
+
+def predict_folder(input_folder: str | Path, output_folder: str | Path, task: str | int,
+                   configuration: str | None = None, folds: Sequence[int | str] | int | str | None = DEFAULT_FOLDS,
+                   epsilon: float = 8.0, arch: str = "unet", step_size: float = 0.5, use_mirroring: bool = True,
+                   device: str | torch.device | None = None, num_processes: int = 2,
+                   save_probabilities: bool = False, tile_batch_size: int = 4, progress: bool = True,
+                   ) -> PredictionResult:
+    """Segment every case in `input_folder` into `output_folder` with the ensemble of the chosen folds of
+    run <arch>__<configuration>__eps<epsilon>; also writes privacy_note.json/.md there."""
+    input_folder, output_folder = Path(input_folder), Path(output_folder)
+    if not 0 < step_size <= 1:
+        raise DpunetError(f"step size must be in (0, 1], got {step_size}")
+    if output_folder.resolve() == input_folder.resolve():
+        raise DpunetError(f"{output_folder}: the output folder must differ from the input folder")
+    torch_device = _pick_device(device)
+    cases = find_input_cases(input_folder)
+    task_name, configuration, models = load_fold_models(task, configuration, folds, epsilon, arch, torch_device)
+    num_channels = models[0].num_channels
+    check_input_channels(cases, num_channels)
+    note = build_privacy_note(task_name, configuration, arch, epsilon, models)
+
+    output_folder.mkdir(parents=True, exist_ok=True)
+    write_privacy_note(note, output_folder)
+    ensemble = EnsemblePredictor(models, PredictionSettings(step_size, use_mirroring, tile_batch_size))
+    plan_configuration = models[0].plan_configuration
+    metadata = {"task": task_name, "configuration": configuration, "arch": arch,
+                "epsilon_target": format_epsilon(epsilon), "folds": [m.fold for m in models]}
+    result = PredictionResult(output_folder, [c.case_id for c in cases], privacy_note=note)
+    _run_pipeline(cases, ensemble, plan_configuration, num_channels, output_folder, save_probabilities, metadata,
+                  num_processes, progress, result)
+    return result
+
+
+def _run_pipeline(cases: Sequence[InputCase], ensemble: EnsemblePredictor, plan_configuration: dict[str, Any],
+                  num_channels: int, output_folder: Path, save_probabilities: bool, metadata: dict[str, Any],
+                  num_processes: int, progress: bool, result: PredictionResult) -> None:
+    """Preprocess ahead in workers, predict in order here, export in workers; bounded queues keep at most
+    a few cases in memory."""
+    executor = _make_executor(num_processes)
+    look_ahead = max(1, num_processes)
+    pending: deque[tuple[InputCase, Future]] = deque()
+    exports: deque[Future] = deque()
+    upcoming = iter(cases)
+
+    def queue_next() -> None:
+        case = next(upcoming, None)
+        if case is not None:
+            pending.append((case, executor.submit(preprocess_input_case, case, plan_configuration, num_channels)))
+
+    try:
+        for _ in range(look_ahead + 1):
+            queue_next()
+        for _ in tqdm(range(len(cases)), desc="predict", unit="case", disable=not progress):
+            case, future = pending.popleft()
+            data, properties = future.result()
+            queue_next()
+            probabilities = ensemble.predict(data)
+            exports.append(executor.submit(export_prediction, probabilities, properties, plan_configuration,
+                                           output_folder, save_probabilities, metadata))
+            while len(exports) > look_ahead or (exports and exports[0].done()):
+                result.written += exports.popleft().result()
+        while exports:
+            result.written += exports.popleft().result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)

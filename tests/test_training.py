@@ -1,0 +1,146 @@
+"""The DP trainer end to end on a small synthetic task: outputs, privacy report, resume, refusals."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataset_conversion.generate_synthetic import generate_synthetic_task
+from dpunet.privacy.accounting import epsilon_spent
+from dpunet.training.config import merge_plan_and_options
+from dpunet.training.trainer import DPTrainer, load_training_inputs
+from dpunet.utils.errors import DpunetError
+
+STEPS = 4
+
+
+def _env(roots: dict[str, Path]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({f"DPUNET_{k.upper()}": str(v) for k, v in roots.items()})
+    return env
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("train")
+    roots = {"raw": base / "raw", "preprocessed": base / "pre", "results": base / "res"}
+    generate_synthetic_task(roots["raw"], num_cases=16, cases_per_patient=2, base_shape=(10, 32, 32),
+                            spacing=(2.0, 1.0, 1.0), seed=5)
+    proc = subprocess.run([sys.executable, "-m", "dpunet.plan_and_preprocess", "-t", "990", "-c", "3d_fullres",
+                           "2d", "--width", "0.25", "--steps", str(STEPS), "--patients-per-step", "3",
+                           "--patches-per-patient", "2", "-np", "1"], env=_env(roots), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return roots
+
+
+@pytest.fixture
+def env(roots, monkeypatch):
+    for k, v in roots.items():
+        monkeypatch.setenv(f"DPUNET_{k.upper()}", str(v))
+    return roots
+
+
+def make_trainer(tmp_path: Path, configuration="3d_fullres", **options) -> DPTrainer:
+    _, _, plan_config, _, _ = load_training_inputs("990", configuration)
+    opts = dict(task="990", fold="0", epsilon=8.0, configuration=configuration, engine="functorch",
+                augmentation=False, patients_per_micro_batch=2, device="cpu", validation=False)
+    opts.update(options)
+    return DPTrainer(merge_plan_and_options(plan_config, opts), output_dir=tmp_path / "run")
+
+
+def test_patients_are_the_privacy_unit(env, tmp_path):
+    trainer = make_trainer(tmp_path)
+    # 16 cases, 2 per patient; fold 0 trains on 4/5 of the 8 patients, never splitting one
+    assert trainer.num_patients == 6
+    assert all(len(cases) == 2 for cases in trainer.patients.values())
+    assert trainer.sample_rate == pytest.approx(3 / 6)
+
+
+def test_train_run_writes_every_output(env, tmp_path):
+    trainer = make_trainer(tmp_path, validation=True)
+    result = trainer.run()
+    out = trainer.output_dir
+    for name in ("checkpoint_final.pt", "checkpoint_latest.pt", "privacy_report.json", "privacy_report.md",
+                 "training_log.csv", "progress.png", "validation/summary.json", "run_config.json"):
+        assert (out / name).is_file(), name
+    state = torch.load(out / "checkpoint_final.pt", weights_only=True)
+    assert state["step"] == STEPS and state["inference_weights"] == "ema"
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["unit"] == "patient" and report["steps_taken"] == STEPS
+    assert report["num_patients"] == 6 and report["patches_per_patient"] == 2
+    assert report["noise_multiplier"] > 0 and report["clip_norm"] == 1.0
+    prv = epsilon_spent(report["noise_multiplier"], report["sample_rate"], STEPS, report["delta"], "prv")
+    assert report["epsilon"]["prv"] == pytest.approx(prv, rel=1e-6) and prv <= 8.0
+    assert report["epsilon"]["rdp"] == pytest.approx(
+        epsilon_spent(report["noise_multiplier"], report["sample_rate"], STEPS, report["delta"], "rdp"), rel=1e-6)
+    rows = (out / "training_log.csv").read_text().strip().splitlines()
+    assert len(rows) == STEPS + 1
+    assert result["validation"]["metric_per_case"], "validation ran on the held-out patients"
+
+
+def test_nonprivate_run_uses_same_code_without_noise(env, tmp_path):
+    trainer = make_trainer(tmp_path, epsilon=math.inf)
+    assert trainer.noise_multiplier == 0.0 and trainer.engine.clip_norm is None
+    trainer.run()
+    report = json.loads((trainer.output_dir / "privacy_report.json").read_text())
+    assert report["private"] is False and report["clip_norm"] is None
+
+
+def test_2d_configuration_trains(env, tmp_path):
+    trainer = make_trainer(tmp_path, configuration="2d", steps=2)
+    trainer.run()
+    assert (trainer.output_dir / "checkpoint_final.pt").is_file()
+
+
+def _comparable(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("extra",)}
+
+
+def test_interrupt_and_resume_equals_uninterrupted(env, tmp_path):
+    straight = make_trainer(tmp_path / "a")
+    straight.run()
+    interrupted = make_trainer(tmp_path / "b")
+    assert interrupted.run(stop_after_steps=2) is None
+    resumed = make_trainer(tmp_path / "b")
+    resumed.run(resume=True)
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+    a = json.loads((straight.output_dir / "privacy_report.json").read_text())
+    b = json.loads((resumed.output_dir / "privacy_report.json").read_text())
+    assert _comparable(a) == _comparable(b)
+    rows = (resumed.output_dir / "training_log.csv").read_text().strip().splitlines()
+    assert len(rows) == STEPS + 1
+
+
+def test_continue_refuses_changed_privacy_parameters(env, tmp_path):
+    first = make_trainer(tmp_path)
+    first.run(stop_after_steps=1)
+    changed = make_trainer(tmp_path, clip_norm=0.5)
+    with pytest.raises(DpunetError, match="changed privacy parameters"):
+        changed.run(resume=True)
+    fresh = make_trainer(tmp_path)
+    with pytest.raises(DpunetError, match="already holds a run"):
+        fresh.run()
+
+
+def test_impossible_budget_exits_before_training(env):
+    proc = subprocess.run([sys.executable, "-m", "dpunet.training.cli", "990", "0", "--eps", "0.001",
+                           "--steps", "5000", "--patients-per-step", "6"], env=_env(env), capture_output=True,
+                          text=True)
+    assert proc.returncode != 0
+    assert "epsilon" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(env["results"].rglob("checkpoint_*.pt"))
+
+
+def test_unknown_fold_and_configuration_are_clear_errors(env):
+    for args, text in ((["990", "7", "--eps", "8"], "fold 7"), (["990", "0", "--eps", "8", "-c", "3d_lowres"],
+                                                                "3d_lowres")):
+        proc = subprocess.run([sys.executable, "-m", "dpunet.training.cli", *args], env=_env(env),
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and text in proc.stderr and "Traceback" not in proc.stderr
