@@ -23,6 +23,16 @@ from dpunet.privacy.engines import (
 from dpunet.utils.errors import DpunetError
 
 PRIVATE_ENGINES = ["functorch", "opacus_hooks"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The nets here are tiny: intra-op threads only add synchronisation (10x slower on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 SMALL_C, HUGE_C = 1e-3, 1e6
 B, K, CIN, NCLS = 3, 2, 2, 3
 
@@ -140,6 +150,19 @@ def test_nonprivate_equals_plain_sum_of_patient_gradients(dim):
     assert stats.num_patients == B and stats.num_clipped == 0 and stats.num_nonfinite == 0
     ref, _ = summed("reference_loop", model, batch, None)
     assert_close(got, ref)
+
+
+def test_frozen_parameters_are_left_out():
+    model, batch = make_model(2), make_batch(2, seed=12)
+    for p in model.enc.parameters():
+        p.requires_grad_(False)
+    ref, _ = summed("reference_loop", model, batch, 0.05)
+    assert len(ref) == len([p for p in model.parameters() if p.requires_grad])
+    for name in PRIVATE_ENGINES:
+        got, _ = summed(name, model, batch, 0.05)
+        assert_close(got, ref)
+    engine = make_engine("auto", model, per_patch_loss, None, patients_per_chunk=2)  # option ignored there
+    assert isinstance(engine, NonPrivateEngine)
 
 
 def test_functorch_micro_chunks_give_the_same_sum():

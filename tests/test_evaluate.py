@@ -21,6 +21,8 @@ from dpunet.evaluation.cross_validation import (
     summarize_cross_validation,
 )
 from dpunet.evaluation.evaluate import evaluate_folder, write_summary
+from dpunet.privacy.accounting import epsilon_spent
+from dpunet.privacy.report import build_privacy_report
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import load_json, write_json
 from tests.conftest import REPO
@@ -225,8 +227,9 @@ def _make_run(run_dir: Path, with_privacy=(0, 1, 2, 3)) -> dict[int, dict[str, l
         dice_by_fold[f] = values
         write_json(_fold_summary(f, values, settings), run_dir / f"fold_{f}" / "validation" / "summary.json")
         if f in with_privacy:
-            report = {k: 0.1 * (i + 1) for i, k in enumerate(PRIVACY_KEYS)}
-            report["epsilon_prv"] = 7.5 + 0.01 * f
+            report = build_privacy_report(num_patients=160, sample_rate=0.2, noise_multiplier=1.0 + 0.01 * f,
+                                          clip_norm=1.0, delta=1e-5, target_epsilon=8.0, steps_planned=50,
+                                          patches_per_patient=2, steps_taken=50)
             if f == 3:
                 del report["clip_norm"]
             write_json(report, run_dir / f"fold_{f}" / "privacy_report.json")
@@ -253,7 +256,9 @@ def test_cross_validation_summary(tmp_path):
     hd_folds = cv["table"]["foreground"]["HD95"]
     assert hd_folds["mean_over_folds"] == pytest.approx(3.0) and hd_folds["sd_over_folds"] == pytest.approx(
         np.std([1, 2, 3, 4, 5], ddof=1))
-    assert cv["privacy"]["0"]["epsilon_prv"] == pytest.approx(7.5)
+    assert cv["privacy"]["0"]["epsilon_prv"] == pytest.approx(epsilon_spent(1.0, 0.2, 50, 1e-5, "prv"), rel=1e-6)
+    assert cv["privacy"]["1"]["noise_multiplier"] == pytest.approx(1.01)
+    assert cv["privacy"]["2"]["steps"] == 50
     assert cv["privacy"]["3"]["clip_norm"] is None and cv["privacy"]["4"] is None
     notes = " ".join(cv["notes"])
     assert "fold 4: privacy_report.json not found" in notes and "fold 3" in notes and "clip_norm" in notes

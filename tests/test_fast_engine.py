@@ -334,17 +334,19 @@ def test_registered_as_fast():
 # ------------------------------------------------------------------ the benchmark
 
 
-def test_benchmark_cli_writes_the_performance_page(tmp_path, capsys):
+def test_benchmark_cli_writes_the_performance_page(tmp_path, capsys, monkeypatch):
     from dpunet.benchmark import engine_bench
 
+    tiny = engine_bench.BenchNet("3D 8^3 b3", 3, (8, 8, 8), 3, (4, 8))
+    monkeypatch.setitem(engine_bench.PRESETS, "cpu", [tiny])
     out = tmp_path / "performance.md"
     with pytest.raises(SystemExit) as done:
-        engine_bench.main(["--device", "cpu", "--preset", "cpu", "--nets", "2", "--steps", "2", "--warmup", "1",
+        engine_bench.main(["--device", "cpu", "--preset", "cpu", "--steps", "2", "--warmup", "1",
                            "--methods", "fast", "--extra-k", "2", "--output", str(out)])
     assert done.value.code == 0
     printed = capsys.readouterr().out
     text = out.read_text()
-    for must in ("| 3D 16^3 b8 |", "| non-private |", "| dpunet fast |", "8 x 2", "torch ", "opacus ",
+    for must in ("| 3D 8^3 b3 |", "| non-private |", "| dpunet fast |", "3 x 2", "torch ", "opacus ",
                  "GPU figures are still to be measured", "Targets (dpunet fast, K=1)"):
         assert must in text, must
     assert "| dpunet fast |" in printed

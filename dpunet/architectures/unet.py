@@ -70,7 +70,10 @@ class UNetConfig:
         if missing:
             raise DpunetError(f"{where}: missing option(s) {missing}")
         cfg = cls(**kwargs)
-        cfg._normalise_and_check(where)
+        try:
+            cfg._normalise_and_check(where)
+        except (TypeError, ValueError) as e:  # e.g. a number where a list belongs
+            raise DpunetError(f"{where}: malformed value ({e})") from None
         return cfg
 
     def _normalise_and_check(self, where: str) -> None:
@@ -114,7 +117,7 @@ class UNetConfig:
         if self.nonlin not in NONLINEARITIES:
             fail(f"unknown nonlin {self.nonlin!r}; known: {', '.join(NONLINEARITIES)}")
         if self.nonlin_kwargs.get("inplace"):
-            fail(f"nonlin_kwargs has inplace=True: in-place activations break per-sample gradients")
+            fail("nonlin_kwargs has inplace=True: in-place activations break per-sample gradients")
         if self.downsampling not in DOWNSAMPLING:
             fail(f"unknown downsampling {self.downsampling!r}; known: {', '.join(DOWNSAMPLING)}")
         if self.upsampling not in UPSAMPLING:

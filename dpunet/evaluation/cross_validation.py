@@ -69,10 +69,13 @@ def _read_privacy(report_path: Path, fold: int, notes: list[str]) -> Optional[di
     report = _read_json(report_path)
     if not isinstance(report, dict):
         raise DpunetError(f"{report_path}: expected a JSON object")
-    absent = [k for k in PRIVACY_KEYS if k not in report]
+    from dpunet.privacy.report import key_figures
+
+    figures = key_figures(report)
+    absent = [k for k in PRIVACY_KEYS if k not in figures]
     if absent:
         notes.append(f"fold {fold}: {report_path.name} has no {', '.join(absent)}")
-    return {k: report.get(k) for k in PRIVACY_KEYS}
+    return {k: figures.get(k) for k in PRIVACY_KEYS}
 
 
 def _case_foreground(metrics: dict[str, dict[str, float]], name: str) -> float:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dpunet.dataset.msd import load_task
-from dpunet.planning.splits import fold_cases
 from dpunet.privacy.accounting import (CROSS_CHECK_ACCOUNTANT, PRIMARY_ACCOUNTANT, epsilon_for_history,
                                        epsilon_for_repeated_training)
 from dpunet.utils.errors import DpunetError
@@ -116,10 +115,17 @@ def case_to_patient_map(task_folder: str | Path) -> dict[str, str]:
 def training_membership(splits: Sequence[Mapping[str, Sequence[str]]], folds: Sequence[str],
                         case_to_patient: Mapping[str, str]) -> dict[str, frozenset[str]]:
     """patient id -> the chosen folds whose training set holds (one of) the patient's cases."""
-    all_cases = sorted(set(splits[0]["train"]) | set(splits[0]["val"])) if splits else []
+    if not splits:
+        raise DpunetError("splits_final.json holds no folds")
+    all_cases = sorted(set(splits[0]["train"]) | set(splits[0]["val"]))
     membership: dict[str, set[str]] = {case_to_patient.get(c, c): set() for c in all_cases}
     for fold in folds:
-        train, _ = fold_cases(list(splits), fold)
+        if str(fold) == "all":  # the 'all' model trains on every case (as dpunet_train does)
+            train = all_cases
+        elif str(fold).isdigit() and int(fold) < len(splits):
+            train = splits[int(fold)]["train"]
+        else:
+            raise DpunetError(f"fold {fold} does not exist in splits_final.json (0..{len(splits) - 1} or 'all')")
         for case in train:
             membership.setdefault(case_to_patient.get(case, case), set()).add(str(fold))
     return {p: frozenset(f) for p, f in membership.items()}

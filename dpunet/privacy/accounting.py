@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
@@ -58,13 +59,17 @@ def _check_accountant(accountant: str) -> str:
     return accountant
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check_sample_rate(sample_rate: float) -> None:
-    if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+    if not (_is_number(sample_rate) and 0.0 < sample_rate <= 1.0):
         raise DpunetError(f"sample rate q must be in (0, 1], got {sample_rate!r}")
 
 
 def _check_delta(delta: float) -> None:
-    if not (isinstance(delta, (int, float)) and 0.0 < delta < 1.0):
+    if not (_is_number(delta) and 0.0 < delta < 1.0):
         raise DpunetError(f"delta must be in (0, 1), got {delta!r}")
 
 
@@ -74,7 +79,7 @@ def _check_steps(steps: int, minimum: int = 0) -> None:
 
 
 def _check_noise_multiplier(noise_multiplier: float) -> None:
-    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+    if not (_is_number(noise_multiplier) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise DpunetError(f"noise multiplier sigma must be a finite number >= 0, got {noise_multiplier!r}")
 
 
@@ -180,9 +185,9 @@ def calibrate_noise_multiplier(
     can meet raise DpunetError (such noise would drown any training signal anyway).
     """
     _check_accountant(accountant)
-    if isinstance(epsilon, (int, float)) and math.isinf(epsilon) and epsilon > 0:
+    if _is_number(epsilon) and math.isinf(epsilon) and epsilon > 0:
         return 0.0
-    if not (isinstance(epsilon, (int, float)) and epsilon > 0 and math.isfinite(epsilon)):
+    if not (_is_number(epsilon) and epsilon > 0 and math.isfinite(epsilon)):
         raise DpunetError(f"target epsilon must be > 0 (or inf for non-private training), got {epsilon!r}")
     _check_delta(delta)
     _check_sample_rate(sample_rate)
@@ -357,7 +362,7 @@ class PrivacyLedger:
         mechanisms) is answered without running the accountant again, since epsilon only grows with steps.
         """
         _check_steps(extra_steps)
-        if isinstance(budget_epsilon, (int, float)) and math.isinf(budget_epsilon) and budget_epsilon > 0:
+        if _is_number(budget_epsilon) and math.isinf(budget_epsilon) and budget_epsilon > 0:
             return False
         sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
         q = self.sample_rate if sample_rate is None else sample_rate

@@ -232,3 +232,19 @@ def write_privacy_report(
     write_json(report, json_path)
     md = markdown_path if markdown_path is not None else os.path.splitext(os.fspath(json_path))[0] + ".md"
     write_text(render_privacy_report_markdown(report), md)
+
+
+def key_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The flat figures a results table shows beside the metrics (epsilon by both accountants, delta, sigma,
+    q, steps taken, C); figures the report lacks are left out (C is None, not absent, for non-private runs)."""
+    eps = report.get("epsilon") if isinstance(report.get("epsilon"), dict) else {}
+    sources = {
+        "epsilon_prv": (eps, PRIMARY_ACCOUNTANT),
+        "epsilon_rdp": (eps, CROSS_CHECK_ACCOUNTANT),
+        "delta": (report, "delta"),
+        "noise_multiplier": (report, "noise_multiplier"),
+        "sample_rate": (report, "sample_rate"),
+        "steps": (report, "steps_taken"),
+        "clip_norm": (report, "clip_norm"),
+    }
+    return {name: block[key] for name, (block, key) in sources.items() if key in block}

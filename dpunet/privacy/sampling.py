@@ -6,6 +6,7 @@ the Poisson-subsampled Gaussian analysis.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,7 +28,7 @@ class PoissonPatientSampler:
             dupes = sorted({p for p in ids if ids.count(p) > 1})
             # a patient listed twice would be sampled twice per step: twice the sensitivity
             raise DpunetError(f"patient ids must be unique; duplicated: {dupes[:10]}")
-        if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+        if isinstance(sample_rate, bool) or not (isinstance(sample_rate, numbers.Real) and 0.0 < sample_rate <= 1.0):
             raise DpunetError(f"sample rate q must be in (0, 1], got {sample_rate!r}")
         self.patient_ids = ids
         self.sample_rate = float(sample_rate)

@@ -117,8 +117,10 @@ class DPTrainer:
             raise DpunetError("the network is not fit for DP-SGD:\n  " + "\n  ".join(problems))
         self.model.to(self.device)
         n_out = self.arch["kwargs"]["n_stages"] - 1 if cfg.deep_supervision else 1
+        # natural images (CamVid) have no background class: every class enters the Dice term
         self.loss_fn = SegmentationLoss(self.num_classes, self.task.ignore_label,
-                                        deep_supervision_weights(max(1, n_out)))
+                                        deep_supervision_weights(max(1, n_out)),
+                                        include_background_in_dice=self.task.background_label is None)
         self.engine = make_engine(cfg.engine if cfg.private else "nonprivate", self.model, self.loss_fn,
                                   cfg.clip_norm if cfg.private else None)
         self.optimizer = make_optimizer(cfg.optimizer, self.engine.params, cfg.learning_rate, cfg.momentum,

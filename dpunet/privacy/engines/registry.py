@@ -8,6 +8,7 @@ engine in `dpunet/privacy/engines/fast.py` is found as "fast" without this file 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import time
@@ -70,7 +71,8 @@ def make_engine(
 ) -> GradientEngine:
     """The engine `name` for this model. "auto": the non-private engine when `clip_norm` is None; otherwise
     the fastest of `AUTO_CANDIDATES` on `benchmark_batch` when one is given, else `AUTO_DEFAULT`."""
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         if clip_norm is None:
             name = "nonprivate"
         elif benchmark_batch is not None:
@@ -87,6 +89,10 @@ def make_engine(
         logger.info("engine %s used with clip_norm=None: gradients are summed without clipping", name)
     if clip_norm is not None and cls is NonPrivateEngine:
         raise DpunetError("the non-private engine cannot clip; use a private engine or clip_norm=None")
+    if auto:  # options meant for one candidate (e.g. patients_per_chunk) must not break another
+        accepted = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            engine_kwargs = {k: v for k, v in engine_kwargs.items() if k in accepted}
     return cls(model, loss_fn, clip_norm, **engine_kwargs)
 
 
