@@ -13,7 +13,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DPUNET_SHARED", REPO.parent / "shared"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tiny test networks run fastest single-threaded; subprocess-based tests keep OMP_NUM_THREADS
+torch.set_num_threads(1)
 
 
 def shared_path(*parts: str) -> Path:
