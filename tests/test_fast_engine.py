@@ -54,14 +54,14 @@ class CoverageNet(nn.Module):
         self.grouped = conv(8, 8, 3, padding=2, dilation=2, groups=2, bias=False)
         self.same = conv(8, 8, 2, padding="same")
         self.pool = pool(2)
-        self.down = conv(8, 12, 3, padding=1)
-        self.inorm = inorm(12, affine=True)
-        self.twice = conv(12, 12, 1)
-        self.scale = LearnedScale(12)
-        self.up = conv_t(12, 8, 2, stride=2)
+        self.down = conv(8, 32, 3, padding=1)
+        self.inorm = inorm(32, affine=True)
+        self.twice = conv(32, 32, 1)
+        self.scale = LearnedScale(32)
+        self.up = conv_t(32, 8, 2, stride=2)
         self.mix = nn.Linear(16, 8)
         self.head = conv(8, NCLS, 1)
-        self.head_low = conv(12, NCLS, 1)
+        self.head_low = conv(32, NCLS, 1)
         self.act = nn.LeakyReLU(0.01)
 
     def forward(self, x):
@@ -156,20 +156,56 @@ def test_ghost_and_instantiate_strategies_are_both_used_and_logged():
     assert table["mode"] == "layerwise" and table["strategy_counts"]["ghost"] >= 3
 
 
-def test_cost_model_picks_ghost_only_where_grams_are_smaller():
-    # deep 3D stage: T = 4^3 positions, p = 320*320*27: ghost
-    strategy, _, _ = choose_weight_strategy("auto", True, True, 320 * 320 * 27, 320, 64, 2, 1)
-    assert strategy == "ghost"
+def test_cost_model_allows_ghost_only_where_grams_are_smaller():
+    # deep 3D stage: T = 4^3 positions, p = 320*320*27: ghost allowed ("auto" then times it, "memory" takes it)
+    assert choose_weight_strategy("auto", True, True, 320 * 320 * 27, 320, 64, 2, 1)[0] == "timed"
+    assert choose_weight_strategy("memory", True, True, 320 * 320 * 27, 320, 64, 2, 1)[0] == "ghost"
     # full-resolution stage: T = 128^3: instantiate
-    strategy, _, _ = choose_weight_strategy("auto", True, True, 32 * 32 * 27, 32, 128**3, 2, 1)
-    assert strategy == "instantiate"
-    # K patches multiply the Gram size: the same deep layer with K=16 instantiates (2 (16*64)^2 > p/...)
-    strategy, _, reason = choose_weight_strategy("auto", True, True, 320 * 320 * 27, 320, 64, 2, 16)
+    for policy in ("auto", "memory"):
+        assert choose_weight_strategy(policy, True, True, 32 * 32 * 27, 32, 128**3, 2, 1)[0] == "instantiate"
+    # K patches multiply the Gram size: the same deep layer with K=16 instantiates
+    strategy, _, reason = choose_weight_strategy("memory", True, True, 320 * 320 * 27, 320, 64, 2, 16)
     assert strategy == "instantiate" and "2(KT)^2" in reason
-    assert choose_weight_strategy("auto", False, True, 10**6, 100, 1, 2, 1)[0] == "instantiate"
-    assert choose_weight_strategy("auto", True, False, 10**6, 100, 1, 2, 1)[0] == "instantiate"
+    assert choose_weight_strategy("always", False, True, 10**6, 100, 1, 2, 1)[0] == "instantiate"
+    assert choose_weight_strategy("always", True, False, 10**6, 100, 1, 2, 1)[0] == "instantiate"
+    assert choose_weight_strategy("never", True, True, 10**6, 100, 1, 2, 1)[0] == "instantiate"
     with pytest.raises(ValueError):
         choose_weight_strategy("sometimes", True, True, 10, 1, 1, 1, 1)
+
+
+def test_auto_times_the_implementations_and_records_them():
+    torch.manual_seed(4)
+    model = CoverageNet(2).double()
+    batch = make_batch(2, 1, 2, (8, 8), [1, 2])
+    fast = FastGradientEngine(model, per_patch_loss, 1.0, ghost="auto", method="auto", autotune_repeats=1)
+    fast.accumulate(batch)
+    first = {row["module"]: row for row in fast.describe()["layers"]}
+    fast.accumulate(batch)  # the second micro-batch of the same shape reuses the decisions
+    second = {row["module"]: row for row in fast.describe()["layers"]}
+    fast.close()
+    down = first["down"]  # 4x4 positions, p = 32*8*9: ghost allowed, so ghost was timed too
+    assert set(down["method_ms"]) == {"grouped", "grouped_channels_last", "patient_loop", "unfold_bmm", "ghost"}
+    assert down["strategy"] == ("ghost" if down["method"] == "ghost" else "instantiate")
+    assert min(down["method_ms"], key=down["method_ms"].get) == down["method"]
+    assert first["gn"]["method"] == "closed_form" and first["gn"]["method_ms"] is None
+    assert all(first[m]["method"] == second[m]["method"] for m in first)
+    assert "timed" not in fast.describe()["strategy_counts"]
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("method", ["grouped", "grouped_channels_last", "patient_loop", "unfold_bmm"])
+def test_each_conv_implementation_equals_reference(method, dim):
+    torch.manual_seed(5)
+    model = CoverageNet(dim).double()
+    batch = make_batch(3, 2, 2, (8,) * dim, [1, 2], seed=5)
+    fast, ref, fs, rs = run_both(model, per_patch_loss, batch, 0.05, ghost="never", method=method,
+                                 mode="layerwise")
+    assert_same_sums(fast, ref, fs, rs)
+    used = {row["module"]: row["method"] for row in fast.describe()["layers"] if row["kind"].startswith("Conv")}
+    if method == "unfold_bmm":  # only where K*T <= C_out: the 1x1 conv at 2 x 4^2 positions in 2D
+        assert used["twice"] == ("unfold_bmm" if dim == 2 else "grouped") and used["stem"] == "grouped"
+    else:
+        assert set(used.values()) == {method}
 
 
 # ------------------------------------------------------------------ real U-Nets of every preset

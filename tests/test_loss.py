@@ -193,3 +193,72 @@ def test_downsampled_targets_match_nearest_interpolation():
     assert len(downsample_seg_for_deep_supervision(seg, strides, num_outputs=1)) == 1
     with pytest.raises(DpunetError, match="not divisible"):
         downsample_seg_for_deep_supervision(seg[..., :15], strides)
+
+
+# ----- Dice pooled over a patient's K patches (the patient analogue of batch Dice) -------------------------
+def _patient_batch(b: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b * k, 3, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (b * k, 1, 6, 7), generator=g)
+    target[1, 0][target[1, 0] == 1] = 0  # a patch without class 1
+    return logits, target
+
+
+def test_patient_pooled_dice_equals_dice_of_concatenated_patches():
+    b, k = 3, 4
+    logits, target = _patient_batch(b, k)
+    pooled = SegmentationLoss(3, patches_per_patient=k)
+    _, dice = pooled.components(logits, target)
+    single = SegmentationLoss(3)
+    for p in range(b):
+        # the K patches of a patient side by side as one image: the ordinary per-sample Dice of that image
+        joined_logits = torch.cat(list(logits[p * k:(p + 1) * k]), dim=-1)[None]
+        joined_target = torch.cat(list(target[p * k:(p + 1) * k]), dim=-1)[None]
+        _, expected = single.components(joined_logits, joined_target)
+        torch.testing.assert_close(dice[p * k:(p + 1) * k], expected.expand(k))
+
+
+def test_patient_pooled_dice_never_crosses_patients():
+    b, k = 3, 2
+    logits, target = _patient_batch(b, k)
+    loss = SegmentationLoss(3, patches_per_patient=k)
+    per_patient = loss(logits, [target]).reshape(b, k).mean(1)
+    grads = torch.autograd.grad(per_patient[0], logits)[0]
+    assert grads[k:].abs().max() == 0  # patient 0's loss ignores the other patients' patches
+    assert grads[:k].abs().max() > 0
+    other = logits.detach().clone()
+    other[k:] += 5.0
+    assert torch.allclose(loss(other, [target]).reshape(b, k).mean(1)[0], per_patient[0])
+
+
+def test_patient_pooled_loss_requires_whole_patients():
+    logits, target = _patient_batch(1, 3)
+    with pytest.raises(DpunetError, match="whole patients"):
+        SegmentationLoss(3, patches_per_patient=2)(logits, [target])
+
+
+@pytest.mark.parametrize("engine", ["functorch", "opacus_hooks", "fast"])
+def test_engines_with_pooled_dice_match_the_per_patient_loop(engine):
+    from dpunet.architectures import build_network
+    from dpunet.privacy.engines import PatientBatch, ReferenceLoopEngine
+    from dpunet.privacy.engines.registry import make_engine
+
+    torch.manual_seed(0)
+    arch = {"class_name": "PlainConvUNet", "kwargs": {
+        "dim": 2, "n_stages": 2, "features_per_stage": [4, 8], "kernel_sizes": [[3, 3], [3, 3]],
+        "strides": [[1, 1], [2, 2]], "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1],
+        "norm": "GroupNorm", "norm_kwargs": {"num_groups": 2, "eps": 1e-5, "affine": True}}}
+    model = build_network(arch, 1, 3, deep_supervision=False).double()
+    b, k = 3, 2
+    loss = SegmentationLoss(3, deep_supervision_weights=[1.0], patches_per_patient=k)
+    g = torch.Generator().manual_seed(1)
+    batch = PatientBatch(torch.randn(b, k, 1, 8, 8, generator=g, dtype=torch.float64),
+                         [torch.randint(0, 3, (b, k, 1, 8, 8), generator=g)])
+    reference = ReferenceLoopEngine(model, loss, clip_norm=0.05)
+    reference.accumulate(batch)
+    tested = make_engine(engine, model, loss, 0.05)
+    stats = tested.accumulate(batch)
+    tested.close()
+    assert stats.num_clipped == b
+    for a, r in zip(tested.summed_grad, reference.summed_grad):
+        torch.testing.assert_close(a.double(), r.double(), rtol=1e-5, atol=1e-9)

@@ -88,9 +88,9 @@ PRESETS: dict[str, list[BenchNet]] = {
     ],
     # the same three shapes scaled down so that all methods finish in a minute or two on 2 CPU cores
     "cpu": [
-        BenchNet("2D 64x64 b8", 2, (64, 64), 8, features(8, 128, 5)),
-        BenchNet("3D 32^3 b2", 3, (32, 32, 32), 2, features(8, 64, 4)),
-        BenchNet("3D 16^3 b8", 3, (16, 16, 16), 8, features(8, 64, 3)),
+        BenchNet("2D 64x64 b8", 2, (64, 64), 8, features(16, 256, 5)),
+        BenchNet("3D 32^3 b2", 3, (32, 32, 32), 2, features(16, 128, 4)),
+        BenchNet("3D 16^3 b8", 3, (16, 16, 16), 8, features(16, 128, 3)),
     ],
 }
 

@@ -62,6 +62,8 @@ class SegmentationLoss(nn.Module):
     forward(outputs, targets) -> Tensor of shape (N,):
       outputs: logits (N, C, *S) or a list of them, highest resolution first;
       targets: integer label maps (N, 1, *S_l), a list with one per output (a bare tensor for one output).
+    With `patches_per_patient` K > 1, the N = B*K patches are consecutive groups of K per patient and the Dice
+    term is computed over each patient's K patches together (see `_pool_over_patient`).
     Voxels equal to `ignore_label` count in neither term. Cross-entropy is the mean over a sample's valid
     voxels (0 for a sample whose voxels are all ignored). Dice is computed per sample and class,
     (2 TP + smooth) / (sum p + sum y + smooth), averaged over the classes (background excluded unless
@@ -78,6 +80,7 @@ class SegmentationLoss(nn.Module):
         ce_weight: float = 1.0,
         dice_smooth: float = 1e-5,
         include_background_in_dice: bool = False,
+        patches_per_patient: int = 1,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -91,6 +94,9 @@ class SegmentationLoss(nn.Module):
         self.ce_weight = float(ce_weight)
         self.dice_smooth = float(dice_smooth)
         self.include_background_in_dice = bool(include_background_in_dice)
+        if patches_per_patient < 1:
+            raise DpunetError(f"patches_per_patient must be >= 1, got {patches_per_patient}")
+        self.patches_per_patient = int(patches_per_patient)
 
     def forward(self, outputs: Outputs, targets: Sequence[Tensor] | Tensor) -> Tensor:
         outputs_list = [outputs] if isinstance(outputs, Tensor) else list(outputs)
@@ -137,9 +143,22 @@ class SegmentationLoss(nn.Module):
         ce = nll.sum(dim=spatial_dims).squeeze(1) / n_valid.clamp(min=1.0)
 
         probs = log_probs.exp() * valid
-        tp = (probs * onehot).sum(dim=spatial_dims)
-        denominator = probs.sum(dim=spatial_dims) + onehot.sum(dim=spatial_dims)
+        tp = self._pool_over_patient((probs * onehot).sum(dim=spatial_dims))
+        denominator = self._pool_over_patient(probs.sum(dim=spatial_dims) + onehot.sum(dim=spatial_dims))
         dice_per_class = (2.0 * tp + self.dice_smooth) / (denominator + self.dice_smooth).clamp(min=1e-8)
         if not self.include_background_in_dice:
             dice_per_class = dice_per_class[:, 1:]
         return ce, dice_per_class.mean(dim=1)
+
+    def _pool_over_patient(self, per_patch: Tensor) -> Tensor:
+        """Sum Dice statistics (N, C) over the K consecutive patches of each patient and give every patch its
+        patient's sums: the patient analogue of nnU-Net's batch Dice. A slice without a class would otherwise
+        reward never predicting it; pooling never crosses patients (the privacy unit), and averaging the
+        replicated value over the K patches (as every engine does) yields exactly the patient's Dice loss."""
+        k = self.patches_per_patient
+        if k == 1:
+            return per_patch
+        n, c = per_patch.shape
+        if n % k:
+            raise DpunetError(f"{n} patches are not whole patients of {k} patches each")
+        return per_patch.reshape(n // k, k, c).sum(1, keepdim=True).expand(n // k, k, c).reshape(n, c)

@@ -120,7 +120,8 @@ class DPTrainer:
         # natural images (CamVid) have no background class: every class enters the Dice term
         self.loss_fn = SegmentationLoss(self.num_classes, self.task.ignore_label,
                                         deep_supervision_weights(max(1, n_out)),
-                                        include_background_in_dice=self.task.background_label is None)
+                                        include_background_in_dice=self.task.background_label is None,
+                                        patches_per_patient=cfg.patches_per_patient)
         self.engine = make_engine(cfg.engine if cfg.private else "nonprivate", self.model, self.loss_fn,
                                   cfg.clip_norm if cfg.private else None)
         self.optimizer = make_optimizer(cfg.optimizer, self.engine.params, cfg.learning_rate, cfg.momentum,

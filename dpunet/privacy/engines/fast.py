@@ -30,6 +30,8 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -45,7 +47,7 @@ from dpunet.privacy.engines.base import (
     finalize_per_patient,
 )
 from dpunet.privacy.engines.fast_cost import GHOST_POLICIES, LayerPlan, choose_weight_strategy
-from dpunet.privacy.engines.fast_layers import LayerRule, rule_for
+from dpunet.privacy.engines.fast_layers import ConvRule, LayerRule, rule_for
 from dpunet.utils.errors import DpunetError
 
 MODES = ("auto", "layerwise", "loop")
@@ -87,13 +89,18 @@ class FastGradientEngine(GradientEngine):
     """Per-patient clipped gradient sums from one forward and one backward (see the module docstring).
 
     mode: "auto" (loop for one patient, else layerwise), "layerwise" or "loop".
-    ghost: "auto" (cost model per layer), "never" (always instantiate) or "always" (ghost wherever possible).
+    ghost: "auto" (ghost norm where the cost model allows it and it is faster), "memory" (wherever it is
+        allowed: least memory), "never" (always instantiate) or "always" (wherever the layer type has one).
+    method: how instantiated conv gradients are computed: "auto" times the implementations of the layer rule
+        (`ConvRule.METHODS`), and the ghost norm where allowed, the first time a layer meets a new input
+        shape and keeps the fastest (like cudnn.benchmark); or one implementation by name.
+    autotune_repeats: timed runs per implementation when timing (after one untimed warm-up run).
     """
 
     name = "fast"
 
     def __init__(self, model: nn.Module, loss_fn: PerSampleLoss, clip_norm: float | None, mode: str = "auto",
-                 ghost: str = "auto") -> None:
+                 ghost: str = "auto", method: str = "auto", autotune_repeats: int = 2) -> None:
         super().__init__(model, loss_fn, clip_norm)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -103,8 +110,14 @@ class FastGradientEngine(GradientEngine):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 raise DpunetError(f"module {name or type(model).__name__} is {type(m).__name__}: it mixes the "
                                   "patients of a batch, so per-patient gradients do not exist; use GroupNorm")
+        if method != "auto" and method not in ConvRule.METHODS:
+            raise ValueError(f"method must be 'auto' or one of {ConvRule.METHODS}, got {method!r}")
+        if autotune_repeats < 1:
+            raise ValueError(f"autotune_repeats must be >= 1, got {autotune_repeats}")
         self.mode = mode
         self.ghost_policy = ghost
+        self.method = method
+        self.autotune_repeats = autotune_repeats
         self._layers = self._find_layers(model)
         self._hooks = [layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True)
                        for layer in self._layers]
@@ -112,9 +125,13 @@ class FastGradientEngine(GradientEngine):
         self._calls: list[_Call] = []
         self._roots: list[Tensor] = []
         self._num_patients = 0
+        self._device = torch.device("cpu")
         self._patches = 0
         self._per_patient: dict[int, Tensor] = {}  # param index -> (B, *shape) fp32
-        self._ghost_sq: Tensor | None = None
+        self._norm_parts: list[Tensor] = []  # (B,) per-patient norms of finished per-parameter gradients
+        self._sq_norm_parts: list[Tensor] = []  # (B,) squared per-patient norms from ghost layers
+        self._deferred_norms: set[int] = set()  # parameters with several contributions: norm at the end
+        self._use_counts: dict[int, int] = {}  # calls per layer in this forward
         self._plans: dict[tuple, LayerPlan] = {}
         self._used_plans: list[LayerPlan] = []
         self._last_plans: list[LayerPlan] = []
@@ -196,38 +213,97 @@ class FastGradientEngine(GradientEngine):
         self._plans[key] = plan
         return plan
 
-    def _add_per_patient(self, layer: _Layer, grads: dict[str, Tensor]) -> None:
+    def _add_per_patient(self, layer: _Layer, grads: dict[str, Tensor], single_use: bool) -> None:
         for name, idx in zip(layer.param_names, layer.param_indices):
             g = grads.get(name)
             if g is None:
                 continue
-            if idx in self._per_patient:
-                self._per_patient[idx] = self._per_patient[idx] + g
+            if single_use:
+                # the only contribution to this parameter: take its norm now, while it is in cache
+                self._norm_parts.append(torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1))
             else:
-                self._per_patient[idx] = g
+                self._deferred_norms.add(idx)
+            self._per_patient[idx] = self._per_patient[idx] + g if idx in self._per_patient else g
 
     def _on_output_grad(self, call: _Call, grad: Tensor) -> None:
         call.grad = grad
         layer = call.layer
         rule = rule_for(layer.module)
-        single_use = not layer.weight_shared and sum(c.layer is layer for c in self._calls) == 1
+        single_use = not layer.weight_shared and self._use_counts[id(layer)] == 1
         plan = self._plan(call, rule, single_use)
         self._used_plans.append(plan)
-        b = self._num_patients
         if rule is None:
-            self._add_per_patient(layer, self._fallback_per_patient(call))
+            self._add_per_patient(layer, self._fallback_per_patient(call), single_use)
             call.release()
-        elif plan.strategy == "ghost":
-            sq = rule.ghost_sq_norms(layer.module, call.activation, grad, b)
-            self._ghost_sq = sq if self._ghost_sq is None else self._ghost_sq + sq
-            others = [n for n in layer.param_names if n != "weight"]
-            self._add_per_patient(layer, rule.per_patient(layer.module, call.activation, grad, b, others))
+            return None
+        module, a, b, names = layer.module, call.activation, self._num_patients, layer.param_names
+        result = self._decide(call, rule, plan) if plan.method is None else None
+        if plan.strategy == "ghost":
+            self._sq_norm_parts.append(rule.ghost_sq_norms(module, a, grad, b) if result is None else result)
+            others = [n for n in names if n != "weight"]
+            if others:
+                self._add_per_patient(layer, rule.per_patient(module, a, grad, b, others), True)
             call.ghost_plan = plan  # keep input and output gradient for the clipped sum
         else:
-            self._add_per_patient(layer, rule.per_patient(layer.module, call.activation, grad, b,
-                                                          layer.param_names))
+            grads = rule.per_patient(module, a, grad, b, names, method=plan.method) if result is None else result
+            self._add_per_patient(layer, grads, single_use)
             call.release()
         return None
+
+    def _candidates(self, call: _Call, rule: LayerRule, plan: LayerPlan) -> dict[str, tuple[str, Any, Any]]:
+        """name -> (strategy, run, cost of the rest of that path) for this layer's possible implementations."""
+        module, a, g, b = call.layer.module, call.activation, call.grad, self._num_patients
+        names = call.layer.param_names
+        candidates: dict[str, tuple[str, Any, Any]] = {}
+        if plan.strategy in ("instantiate", "timed"):
+            methods = rule.methods(module, a, g, b)
+            if self.method != "auto":
+                methods = (self.method,) if self.method in methods else methods[:1]
+            elif "weight" not in names:
+                methods = methods[:1]
+
+            def rest_of_instantiate(grads: dict[str, Tensor]) -> None:
+                # what an instantiated gradient costs later: its norm and its share of the clipped sum
+                for x in grads.values():
+                    flat = x.reshape(b, -1)
+                    torch.linalg.vector_norm(flat, dim=1)
+                    flat.t() @ torch.ones(b, device=flat.device)
+
+            for m in methods:
+                candidates[m] = ("instantiate", lambda m=m: rule.per_patient(module, a, g, b, names, method=m),
+                                 rest_of_instantiate)
+        if plan.strategy in ("ghost", "timed"):
+            candidates["ghost"] = ("ghost", lambda: rule.ghost_sq_norms(module, a, g, b),
+                                   lambda _: rule.summed_weight_grad(module, a, g))  # the second pass
+        return candidates
+
+    def _decide(self, call: _Call, rule: LayerRule, plan: LayerPlan) -> Any:
+        """First micro-batch of this layer shape: fix the strategy and implementation, timing them where
+        there is a choice (like cudnn.benchmark). Returns the chosen implementation's result."""
+        candidates = self._candidates(call, rule, plan)
+        if len(candidates) == 1:
+            name, (strategy, run, _) = next(iter(candidates.items()))
+            plan.strategy, plan.method = strategy, name
+            return run()
+        device = self._device
+        best = None
+        timings: dict[str, float] = {}
+        for name, (strategy, run, rest) in candidates.items():
+            rest(run())  # untimed: one-time set-up (kernel selection, primitive caches)
+            for _ in range(self.autotune_repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                result = run()
+                rest(result)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timings[name] = min(timings.get(name, math.inf), (time.perf_counter() - start) * 1e3)
+            if plan.method is None or timings[name] < timings[plan.method]:
+                best, plan.method, plan.strategy = result, name, strategy
+            del result
+        plan.method_ms = {name: round(ms, 3) for name, ms in timings.items()}
+        return best
 
     # ---------------------------------------------------------------- generic fallback
 
@@ -291,7 +367,7 @@ class FastGradientEngine(GradientEngine):
     def _accumulate_layerwise(self, batch: PatientBatch) -> AccumulationStats:
         b, k = batch.num_patients, batch.patches_per_patient
         data, targets = batch.flat()
-        self._num_patients, self._patches = b, k
+        self._num_patients, self._patches, self._device = b, k, data.device
         try:
             with self._weights_frozen():
                 self._capturing = True
@@ -299,6 +375,8 @@ class FastGradientEngine(GradientEngine):
                     outputs = self.model(data.detach())
                 finally:
                     self._capturing = False
+                for call in self._calls:
+                    self._use_counts[id(call.layer)] = self._use_counts.get(id(call.layer), 0) + 1
                 patient_losses = self.loss_fn(outputs, targets).reshape(b, k).mean(dim=1)
                 if self._roots:
                     torch.autograd.grad(patient_losses.sum(), self._roots, allow_unused=True)
@@ -313,16 +391,19 @@ class FastGradientEngine(GradientEngine):
             for call in self._calls:
                 call.release()
             self._calls, self._roots, self._used_plans = [], [], []
-            self._per_patient, self._ghost_sq = {}, None
+            self._per_patient, self._use_counts = {}, {}
+            self._norm_parts, self._sq_norm_parts = [], []
+            self._deferred_norms = set()
         return AccumulationStats(b, loss_sum, norms.detach().float().cpu(), num_clipped, num_nonfinite)
 
     def _patient_norms(self, num_patients: int, device: torch.device) -> Tensor:
+        norms = self._norm_parts + [torch.linalg.vector_norm(self._per_patient[idx].reshape(num_patients, -1), dim=1)
+                                    for idx in self._deferred_norms]
         sq = torch.zeros(num_patients, dtype=torch.float32, device=device)
-        if self._ghost_sq is not None:
-            sq = sq + self._ghost_sq
-        for g in self._per_patient.values():
-            flat = g.reshape(num_patients, -1)
-            sq = sq + torch.einsum("bp,bp->b", flat, flat)
+        if norms:
+            sq = sq + torch.stack(norms).square().sum(dim=0)
+        if self._sq_norm_parts:
+            sq = sq + torch.stack(self._sq_norm_parts).sum(dim=0)
         return sq.sqrt()
 
     def _add_clipped_sum(self, factors: Tensor, finite: Tensor, any_nonfinite: bool) -> None:

@@ -10,10 +10,13 @@ patients, a per-patient gradient is a sum over K*T outer products. Two ways to g
   weight-gradient op with per-patient-scaled output gradients. Extra memory B*2*(K*T)^2 plus the unfolded
   inputs and the output gradient kept until the clip factors are known.
 
-Both spend one weight-gradient op's FLOPs; they differ in memory and memory traffic. Following Bu et al.,
-a layer uses the ghost norm when 2*(K*T)^2 < p (the Grams are smaller than one per-patient gradient) and,
-in bytes, the ghost path's buffers are smaller than the instantiated gradients. That picks the ghost norm
-for the deep, low-resolution stages of a U-Net, where p is large and T small.
+Both spend one weight-gradient op's FLOPs; the ghost norm adds B*(K*T)^2*(D + C_out) FLOPs for its Grams and
+saves the passes over B*p. Following Bu et al., a layer is *eligible* for the ghost norm when 2*(K*T)^2 < p
+(the Grams are smaller than one per-patient gradient) and, in bytes, the ghost path's buffers are smaller
+than the instantiated gradients: the deep, low-resolution stages of a U-Net. Whether it is also *faster*
+depends on the device (on a GPU the saved memory passes usually pay for the Grams; on a CPU the Gram FLOPs
+cost more), so policy "auto" times both on the first micro-batch of each shape and keeps the faster, while
+"memory" takes the ghost norm wherever it is eligible (least memory), "never" and "always" force a side.
 """
 from __future__ import annotations
 
@@ -21,14 +24,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 FP32_BYTES = 4
-GHOST_POLICIES = ("auto", "never", "always")
+GHOST_POLICIES = ("auto", "memory", "never", "always")
 
 
 @dataclass
 class LayerPlan:
     module: str  # qualified module name in the model
     kind: str  # module class name
-    strategy: str  # "instantiate" | "ghost" | "fallback_vmap" | "fallback_loop"
+    strategy: str  # "instantiate" | "ghost" | "fallback_vmap" | "fallback_loop" ("timed" until decided)
     params: int  # trainable parameters of the layer (p)
     weight_params: int  # p of the weight alone (what a ghost norm replaces)
     positions: int  # T: output positions per patch sharing the weight
@@ -37,6 +40,8 @@ class LayerPlan:
     instantiate_bytes: int  # B * p * 4
     ghost_bytes: int | None  # Grams + unfolded inputs + kept output gradient; None if not ghost-capable
     reason: str
+    method: str | None = None  # implementation of the per-patient gradients (timed when several exist)
+    method_ms: dict[str, float] | None = None  # the timings that chose it (first micro-batch of this shape)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,8 +56,10 @@ def ghost_buffer_bytes(num_patients: int, patches: int, positions: int, in_featu
 
 
 def choose_weight_strategy(policy: str, ghost_capable: bool, single_use: bool, weight_params: int,
-                           out_features: int, positions: int, num_patients: int, patches: int) -> tuple[str, int | None, str]:
-    """(strategy, ghost_bytes, reason) for a layer's weight under policy "auto" | "never" | "always"."""
+                           out_features: int, positions: int, num_patients: int,
+                           patches: int) -> tuple[str, int | None, str]:
+    """(strategy, ghost_bytes, reason) for a layer's weight under a policy of `GHOST_POLICIES`; strategy is
+    "instantiate", "ghost", or "timed" (eligible for both: the engine times them)."""
     if policy not in GHOST_POLICIES:
         raise ValueError(f"ghost policy must be one of {GHOST_POLICIES}, got {policy!r}")
     if not ghost_capable:
@@ -68,5 +75,7 @@ def choose_weight_strategy(policy: str, ghost_capable: bool, single_use: bool, w
     kt = patches * positions
     instantiate_bytes = FP32_BYTES * num_patients * weight_params
     if 2 * kt * kt < weight_params and ghost_bytes < instantiate_bytes:
-        return "ghost", ghost_bytes, f"2(KT)^2={2 * kt * kt} < p={weight_params}"
+        if policy == "memory":
+            return "ghost", ghost_bytes, f"2(KT)^2={2 * kt * kt} < p={weight_params}: least memory"
+        return "timed", ghost_bytes, f"2(KT)^2={2 * kt * kt} < p={weight_params}: ghost eligible, faster kept"
     return "instantiate", ghost_bytes, f"2(KT)^2={2 * kt * kt} >= p={weight_params} or ghost buffers larger"

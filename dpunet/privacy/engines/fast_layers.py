@@ -12,6 +12,7 @@ that dtype, so each rule computes in `g.dtype` and returns fp32 results.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from abc import ABC, abstractmethod
 from typing import Sequence
@@ -32,14 +33,35 @@ def patient_major(t: Tensor, num_patients: int) -> Tensor:
     return t.reshape(num_patients, t.shape[0] // num_patients, *t.shape[1:])
 
 
-def k_major_channels(t: Tensor, num_patients: int) -> Tensor:
-    """(B*K, C, *S) -> (K, B*C, *S): patients become channel groups, patches the batch (a copy only if K > 1)."""
-    per = patient_major(t, num_patients)
-    return per.transpose(0, 1).reshape(per.shape[1], num_patients * t.shape[1], *t.shape[2:])
+def sum_patches(t: Tensor, num_patients: int) -> Tensor:
+    """(B*K, ...) -> (B, ...): the sum over each patient's K patches."""
+    if t.shape[0] == num_patients:
+        return t
+    return patient_major(t, num_patients).sum(dim=1)
+
+
+def k_major_channels(t: Tensor, num_patients: int, channels_last: bool = False) -> Tensor:
+    """(B*K, C, *S) -> (K, B*C, *S): patients become channel groups, patches the batch (a copy only if K > 1
+    or for `channels_last`, which lays the B*C channels out innermost in the same single copy)."""
+    n, c, spatial = t.shape[0], t.shape[1], t.shape[2:]
+    k = n // num_patients
+    if not channels_last:
+        if k == 1:
+            return t.reshape(1, num_patients * c, *spatial)
+        return patient_major(t, num_patients).transpose(0, 1).reshape(k, num_patients * c, *spatial)
+    d = len(spatial)
+    per = t.reshape(num_patients, k, c, *spatial)
+    packed = per.permute(1, *range(3, 3 + d), 0, 2).contiguous().reshape(k, *spatial, num_patients * c)
+    return packed.permute(0, d + 1, *range(1, d + 1))
 
 
 class LayerRule(ABC):
     """How to get per-patient gradients of one kind of layer's own parameters."""
+
+    def methods(self, module: nn.Module, a: Tensor, g: Tensor, num_patients: int) -> tuple[str, ...]:
+        """Interchangeable implementations of `per_patient` for these shapes (same result; the engine may
+        time them). The first is the default."""
+        return ("closed_form",)
 
     @abstractmethod
     def positions(self, module: nn.Module, a: Tensor, g: Tensor) -> int:
@@ -50,7 +72,7 @@ class LayerRule(ABC):
 
     @abstractmethod
     def per_patient(self, module: nn.Module, a: Tensor, g: Tensor, num_patients: int,
-                    names: Sequence[str]) -> dict[str, Tensor]:
+                    names: Sequence[str], method: str | None = None) -> dict[str, Tensor]:
         """{param name: (B, *param.shape) fp32} for the requested parameter names."""
 
     def ghost_sq_norms(self, module: nn.Module, a: Tensor, g: Tensor, num_patients: int) -> Tensor:
@@ -66,11 +88,31 @@ def _bias_per_patient(g: Tensor, num_patients: int) -> Tensor:
     """Per-patient bias gradient: g summed over the patient's patches and all positions, channel axis 1."""
     dtype = torch.promote_types(g.dtype, torch.float32)  # fp32 sums of bf16 gradients, float64 kept
     per_patch = g.flatten(2).sum(dim=2, dtype=dtype) if g.dim() > 2 else g.to(dtype)
-    return patient_major(per_patch, num_patients).sum(dim=1).float()
+    return sum_patches(per_patch, num_patients).float()
 
 
 class ConvRule(LayerRule):
-    """Conv{1,2,3}d and ConvTranspose{1,2,3}d (any stride, padding, dilation, groups, padding mode)."""
+    """Conv{1,2,3}d and ConvTranspose{1,2,3}d (any stride, padding, dilation, groups, padding mode).
+
+    Per-patient weight gradients with the same FLOPs as the batched weight gradient, four ways:
+    "grouped" (the native weight-gradient kernel once, groups = B, the K patches as its batch),
+    "grouped_channels_last" (the same on a channels-last copy: oneDNN's fast layout for few channels, e.g.
+    3D first stages on a CPU), "patient_loop" (the kernel B times with batch K) and "unfold_bmm" (input
+    patches times output gradients, one batched matmul; offered for 1D/2D convs only, and only where the
+    unfolded input is no larger than the per-patient gradients it yields, K*T <= C_out: deep,
+    low-resolution layers; 3D activations are never unfolded). Which is fastest depends on the backend and
+    the layer. The ghost norm (`ghost_sq_norms`) needs no unfolding either (`patch_gram`)."""
+
+    METHODS = ("grouped", "grouped_channels_last", "patient_loop", "unfold_bmm")
+
+    def methods(self, module: nn.Module, a: Tensor, g: Tensor, num_patients: int) -> tuple[str, ...]:
+        if self.unfold_allowed(module, g, num_patients):
+            return self.METHODS
+        return self.METHODS[:3]
+
+    def unfold_allowed(self, module: nn.Module, g: Tensor, num_patients: int) -> bool:
+        kt = g.shape[0] // num_patients * math.prod(g.shape[2:])
+        return self.ghost_capable(module) and g.dim() <= 4 and kt <= module.out_channels
 
     @staticmethod
     def geometry(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, dict]:
@@ -115,50 +157,99 @@ class ConvRule(LayerRule):
     def ghost_capable(self, module: nn.Module) -> bool:
         return isinstance(module, CONV_TYPES) and module.groups == 1
 
-    def per_patient(self, module, a, g, num_patients, names):
-        out: dict[str, Tensor] = {}
-        if "bias" in names:
-            out["bias"] = _bias_per_patient(g, num_patients)
-        if "weight" in names:
-            a, args = self.geometry(module, a.to(g.dtype), g)
-            weight_shape = module.weight.shape
-            # the weight gradient kernel reads only the weight's shape: a stride-0 view costs no memory
-            fake_weight = g.new_zeros(()).expand(num_patients * weight_shape[0], *weight_shape[1:])
-            args = dict(args, groups=args["groups"] * num_patients)
-            _, grad_w, _ = conv_backward(k_major_channels(g, num_patients), k_major_channels(a, num_patients),
-                                         fake_weight, None, **args, output_mask=[False, True, False])
-            out["weight"] = grad_w.view(num_patients, *weight_shape).float()
+    def per_patient(self, module, a, g, num_patients, names, method=None):
+        method = method or self.METHODS[0]
+        with_bias = "bias" in names
+        if "weight" not in names:
+            return {"bias": _bias_per_patient(g, num_patients)} if with_bias else {}
+        a, args = self.geometry(module, a.to(g.dtype), g)
+        weight_shape = module.weight.shape
+        channels = g.shape[1]
+        mask = [False, True, with_bias]
+        if method == "patient_loop":
+            k = g.shape[0] // num_patients
+            fake_weight = g.new_zeros(()).expand(*weight_shape)
+            parts = [conv_backward(g[i * k:(i + 1) * k], a[i * k:(i + 1) * k], fake_weight,
+                                   [channels] if with_bias else None, **args, output_mask=mask)
+                     for i in range(num_patients)]
+            out = {"weight": torch.stack([p[1] for p in parts]).float()}
+            if with_bias:
+                out["bias"] = torch.stack([p[2] for p in parts]).float()
+            return out
+        if method == "unfold_bmm":
+            columns = _per_patient_columns(self._columns(module, a, g), num_patients)  # (B, D, KT)
+            grads = _per_patient_columns(g.flatten(2), num_patients)  # (B, C_out, KT)
+            out = {"weight": torch.bmm(grads, columns.transpose(1, 2)).view(num_patients, *weight_shape).float()}
+            if with_bias:
+                out["bias"] = _bias_per_patient(g, num_patients)
+            return out
+        if method not in self.METHODS:
+            raise ValueError(f"unknown conv per-patient method {method!r}; known: {self.METHODS}")
+        channels_last = method == "grouped_channels_last"
+        # the weight gradient kernel reads only the weight's shape: a stride-0 view costs no memory
+        fake_weight = g.new_zeros(()).expand(num_patients * weight_shape[0], *weight_shape[1:])
+        args["groups"] *= num_patients
+        _, grad_w, grad_b = conv_backward(
+            k_major_channels(g, num_patients, channels_last), k_major_channels(a, num_patients, channels_last),
+            fake_weight, [num_patients * channels] if with_bias else None, **args, output_mask=mask)
+        out = {"weight": grad_w.reshape(num_patients, *weight_shape).float().contiguous()}
+        if with_bias:
+            out["bias"] = grad_b.view(num_patients, channels).float()
         return out
 
-    def _unfold(self, module: nn.Module, a: Tensor, g: Tensor) -> Tensor:
-        """(N, T, C_in * prod(kernel)) patches of a groups=1 convolution (only for small T)."""
+    def _columns(self, module: nn.Module, a: Tensor, g: Tensor) -> Tensor:
+        """(N, C_in * prod(kernel), T) input patches of a groups=1 1D/2D convolution ("unfold_bmm" only)."""
+        a, args = self.geometry(module, a, g)
+        kernel, dilation, padding, stride = (tuple(module.kernel_size), tuple(args["dilation"]),
+                                             tuple(args["padding"]), tuple(args["stride"]))
+        if a.dim() == 3:  # 1D: a 2D unfold over a unit axis
+            a = a.unsqueeze(2)
+            kernel, dilation, padding, stride = (1, *kernel), (1, *dilation), (0, *padding), (1, *stride)
+        return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+
+    def patch_gram(self, module: nn.Module, a: Tensor, g: Tensor, num_patients: int) -> Tensor:
+        """(B, KT, KT) Gram matrix of each patient's input patches (the unfolded input times its transpose),
+        without unfolding: the Gram of the padded input's pixels, (B, K*T_pad, K*T_pad), summed over the
+        kernel offsets as strided shifts. Cheaper than the unfolded Gram by about prod(kernel) * T / T_pad."""
         a, args = self.geometry(module, a, g)
         dim = a.dim() - 2
         pad_pairs = []
         for p in reversed(args["padding"]):
             pad_pairs += [p, p]
         x = F.pad(a, pad_pairs) if any(args["padding"]) else a
-        for d in range(dim):
-            span = args["dilation"][d] * (module.kernel_size[d] - 1) + 1
-            x = x.unfold(2 + d, span, args["stride"][d])
-        if any(d != 1 for d in args["dilation"]):
-            x = x[(Ellipsis,) + tuple(slice(None, None, d) for d in args["dilation"])]
-        # (N, C, *T_axes, *k) -> (N, *T_axes, C, *k) -> (N, T, D)
-        perm = [0] + list(range(2, 2 + dim)) + [1] + list(range(2 + dim, 2 + 2 * dim))
-        n = x.shape[0]
-        t = math.prod(x.shape[2:2 + dim])
-        return x.permute(perm).reshape(n, t, -1)
+        padded = x.shape[2:]
+        pixels = _per_patient_columns(x.flatten(2), num_patients)  # (B, C_in, K*T_pad)
+        gram = torch.bmm(pixels.transpose(1, 2), pixels)
+        k = a.shape[0] // num_patients
+        gram = gram.view(num_patients, k, *padded, k, *padded)
+        out_size = g.shape[2:]
+        total = None
+        for offset in itertools.product(*(range(ks) for ks in module.kernel_size)):
+            window = tuple(slice(o * dl, o * dl + st * (n - 1) + 1, st)
+                           for o, dl, st, n in zip(offset, args["dilation"], args["stride"], out_size))
+            shifted = gram[(slice(None), slice(None)) + window + (slice(None),) + window]
+            total = shifted.clone() if total is None else total.add_(shifted)
+        t = math.prod(out_size)
+        return total.reshape(num_patients, k * t, k * t)
 
     def ghost_sq_norms(self, module, a, g, num_patients):
-        patches = patient_major(self._unfold(module, a.float(), g), num_patients).flatten(1, 2)  # (B, KT, D)
-        grads = patient_major(g.float().flatten(2).transpose(1, 2), num_patients).flatten(1, 2)  # (B, KT, Cout)
-        return _ghost_from_grams(patches, grads)
+        grads = _per_patient_columns(g.float().flatten(2), num_patients)  # (B, C_out, KT)
+        return (self.patch_gram(module, a.float(), g, num_patients)
+                * torch.bmm(grads.transpose(1, 2), grads)).sum(dim=(1, 2))
 
     def summed_weight_grad(self, module, a, g_scaled):
         a, args = self.geometry(module, a.to(g_scaled.dtype), g_scaled)
         fake_weight = g_scaled.new_zeros(()).expand(*module.weight.shape)
         _, grad_w, _ = conv_backward(g_scaled, a, fake_weight, None, **args, output_mask=[False, True, False])
         return grad_w.float()
+
+
+def _per_patient_columns(t: Tensor, num_patients: int) -> Tensor:
+    """(B*K, F, T) -> (B, F, K*T): the K patches' positions side by side (a view for K = 1)."""
+    n, f, t_ = t.shape
+    if n == num_patients:
+        return t
+    return patient_major(t, num_patients).transpose(1, 2).reshape(num_patients, f, -1)
 
 
 def _ghost_from_grams(patches: Tensor, grads: Tensor) -> Tensor:
@@ -182,7 +273,7 @@ class LinearRule(LayerRule):
         """(B*K, ..., F) -> (B, K*T, F)."""
         return t.reshape(num_patients, -1, t.shape[-1])
 
-    def per_patient(self, module, a, g, num_patients, names):
+    def per_patient(self, module, a, g, num_patients, names, method=None):
         out: dict[str, Tensor] = {}
         grads = self._tokens(g, num_patients)
         if "bias" in names:
@@ -201,7 +292,11 @@ class LinearRule(LayerRule):
 
 class GroupNormRule(LayerRule):
     """GroupNorm and InstanceNorm (affine, normalised by per-sample statistics): InstanceNorm is GroupNorm
-    with one channel per group. Per-patient grads: weight = sum x_hat * g, bias = sum g per channel."""
+    with one channel per group. Per-patient grads: weight = sum x_hat * g, bias = sum g per channel.
+
+    A batch of N samples with C channels in G groups has the same groups as one sample with N*C channels in
+    N*G groups, so torch's fused GroupNorm backward on that view returns per-sample (per-patch) weight and
+    bias gradients in one pass; the statistics come from the fused forward kernel on the same view."""
 
     @staticmethod
     def num_groups(module: nn.Module) -> int:
@@ -210,16 +305,22 @@ class GroupNormRule(LayerRule):
     def positions(self, module, a, g):
         return int(math.prod(a.shape[2:]))
 
-    def per_patient(self, module, a, g, num_patients, names):
+    def per_patient(self, module, a, g, num_patients, names, method=None):
+        n, c = a.shape[:2]
+        hw = a[0, 0].numel()
+        groups = n * self.num_groups(module)
+        # the layer ran in fp32 (autocast runs norms in fp32) or in the input's wider dtype
+        dtype = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
+        x = a.to(dtype).reshape(1, n * c, hw)
+        _, mean, rstd = torch.native_group_norm(x, None, None, 1, n * c, hw, groups, module.eps)
+        unit_weight = torch.ones(n * c, dtype=dtype, device=a.device)
+        _, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
+            g.to(dtype).reshape(1, n * c, hw), x, mean, rstd, unit_weight, 1, n * c, hw, groups,
+            [False, "weight" in names, "bias" in names])
         out: dict[str, Tensor] = {}
-        if "bias" in names:
-            out["bias"] = _bias_per_patient(g, num_patients)
-        if "weight" in names:
-            # recompute the normalised input (an elementwise pass) rather than keep a copy from the forward
-            dtype = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
-            x_hat = F.group_norm(a.to(dtype), self.num_groups(module), eps=module.eps)
-            per_patch = torch.einsum("ncs,ncs->nc", x_hat.flatten(2), g.to(dtype).flatten(2))
-            out["weight"] = patient_major(per_patch, num_patients).sum(dim=1).float()
+        for name, per_patch in (("weight", grad_w), ("bias", grad_b)):
+            if name in names:
+                out[name] = sum_patches(per_patch.view(n, c), num_patients).float()
         return out
 
 
