@@ -310,6 +310,25 @@ def test_hooks_removed_and_requires_grad_restored():
     assert model.stem.weight.grad is not None and frozen.grad is None
 
 
+class ModifiesInputInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.act = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, NCLS, 1), nn.LeakyReLU()
+
+    def forward(self, x):
+        h = self.act(self.conv1(x))
+        out = self.conv2(h)
+        h.mul_(2.0)  # after conv2 used h: its weight gradient would be computed from the wrong input
+        return [out, out[..., ::2, ::2]]
+
+
+def test_input_modified_in_place_is_refused():
+    fast = FastGradientEngine(ModifiesInputInPlace().double(), per_patch_loss, 1.0)
+    with pytest.raises(DpunetError, match="in place"):
+        fast.accumulate(make_batch(2, 1, 2, (8, 8), [1, 2]))
+    fast.close()
+
+
 def test_successive_micro_batches_add_up_and_zero_resets():
     torch.manual_seed(2)
     model = CoverageNet(2).double()

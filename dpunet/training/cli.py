@@ -1,7 +1,10 @@
 """dpunet_train TASK FOLD --eps 8 [-c 3d_fullres|2d] [--delta 1e-5] [--arch NAME] [--steps T]
 [--patients-per-step B] [--patches-per-patient K] [--clip C] [--lr LR] [--seed S] [--device cpu|cuda] [--continue]
 
-FOLD is 0-4 or 'all'. --eps inf trains non-privately through the same code (no clipping, no noise)."""
+FOLD is 0-4 or 'all'. --eps inf trains non-privately through the same code (no clipping, no noise).
+
+Several GPUs or nodes: torchrun --nproc_per_node=G -m dpunet.training.cli TASK FOLD --eps 8 (one process per GPU,
+same guarantee and report as one process; see documentation/training.md)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +13,7 @@ import json
 import torch
 
 from dpunet.planning.cli import parse_epsilon
+from dpunet.training import distributed
 from dpunet.training.config import merge_plan_and_options
 from dpunet.training.trainer import DPTrainer, load_training_inputs
 from dpunet.utils.errors import DpunetError, cli_entry
@@ -68,9 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     configuration = configuration or _default_configuration(args.task)
     options["configuration"] = configuration
     _, _, plan_config, _, _ = load_training_inputs(args.task, configuration)
-    cfg = merge_plan_and_options(plan_config, options)
-    trainer = DPTrainer(cfg)
-    result = trainer.run(resume=args.resume)
+    # ---- distributed: under torchrun join the process group (NCCL on cuda:<LOCAL_RANK>, else gloo)
+    setup = distributed.init_distributed(options["device"])
+    if setup is not None:
+        options["device"] = setup.device
+    try:
+        cfg = merge_plan_and_options(plan_config, options)
+        trainer = DPTrainer(cfg)
+        result = trainer.run(resume=args.resume)
+    finally:
+        distributed.destroy_distributed()
+    if setup is not None and setup.rank != 0:
+        return 0  # rank 0 prints the summary and wrote every output
+    # ---- end distributed
     report = result["report"]
     print(f"privacy: epsilon {report['epsilon']['prv']} (PRV) / {report['epsilon']['rdp']} (RDP) at delta {cfg.delta}, "
           f"sigma {report['noise_multiplier']}, q {report['sample_rate']:.4f}, T {report['steps_taken']}")

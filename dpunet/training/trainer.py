@@ -31,6 +31,7 @@ from dpunet.privacy.report import build_privacy_report, render_privacy_report_ma
 from dpunet.privacy.sampling import PoissonPatientSampler
 from dpunet.training.checkpoint import load_checkpoint, save_checkpoint
 from dpunet.training.config import TrainingConfig
+from dpunet.training import distributed
 from dpunet.training.dataloading import PatientPatchSampler, PreprocessedCaseStore, iterate_micro_batches
 from dpunet.training.loader_workers import BackgroundPatientLoader
 from dpunet.training.ema import WeightEMA
@@ -163,7 +164,9 @@ class DPTrainer:
             state = self.sampler.state_dict()
             patients = self.sampler.sample()
             self.pending.append((next_step, patients, state))
-            self.loader.submit(next_step, iterate_micro_batches(patients, self.patients_per_micro_batch))
+            # distributed: every rank drew the same patients; its loader builds only this rank's shard
+            self.loader.submit(next_step, iterate_micro_batches(distributed.shard(patients),
+                                                                self.patients_per_micro_batch))
             next_step += 1
 
     def sampler_state(self) -> dict:
@@ -189,6 +192,14 @@ class DPTrainer:
             loss_sum += stats.loss_sum
             clipped += stats.num_clipped
             nonfinite += stats.num_nonfinite
+        # ---- distributed: sum the shards' clipped-gradient sums and statistics over all ranks (no-op in one
+        # process). Every rank then adds the SAME noise (identical generator state on every rank) to the same
+        # total, so the noise enters exactly once per logical step and all ranks take the same optimiser step.
+        if distributed.is_distributed():
+            totals = torch.tensor([loss_sum, clipped, nonfinite], dtype=torch.float64, device=self.device)
+            distributed.all_reduce_sum([*self.engine.summed_grad, totals])
+            loss_sum, clipped, nonfinite = float(totals[0]), int(totals[1]), int(totals[2])
+        # ---- end distributed
         grads = noisy_average_gradient(self.engine.summed_grad, self.noise_multiplier,
                                        cfg.clip_norm if cfg.private else None, cfg.patients_per_step,
                                        self.noise_generator)
@@ -239,6 +250,8 @@ class DPTrainer:
         }
 
     def save_latest(self) -> None:
+        if not distributed.is_main_process():  # distributed: only rank 0 writes files
+            return
         save_checkpoint(self.state_dict(), self.output_dir / "checkpoint_latest.pt")
         self.log.write()
 
@@ -270,12 +283,17 @@ class DPTrainer:
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            self.resume()
+            self.resume()  # distributed: every rank loads the same checkpoint
         elif (self.output_dir / "checkpoint_latest.pt").is_file() or (self.output_dir / "checkpoint_final.pt").is_file():
             raise DpunetError(f"{self.output_dir} already holds a run: use --continue to resume it, or remove it")
-        write_json({"training_config": cfg.to_dict(), "privacy_parameters": self.privacy_parameters(),
-                    "architecture": self.arch, "engine": self.engine_description()},
-                   self.output_dir / "run_config.json")
+        # distributed: all ranks must start from the same weights (same seed or the same checkpoint); this
+        # collective also makes every rank check the output folder before rank 0 writes to it
+        distributed.assert_replicas_identical(self.replica_tensors(), "weights at the start")
+        if distributed.is_main_process():
+            write_json({"training_config": cfg.to_dict(), "privacy_parameters": self.privacy_parameters(),
+                        "architecture": self.arch, "engine": self.engine_description(),
+                        "world_size": distributed.world_size()},
+                       self.output_dir / "run_config.json")
         if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, extra_steps=cfg.steps - self.step,
                                                     accountant="prv"):
             raise DpunetError(f"{cfg.steps - self.step} more steps would exceed epsilon {cfg.epsilon}; refusing to train")
@@ -289,7 +307,8 @@ class DPTrainer:
 
     def _train_loop(self, last_save: float, session_steps: int, stop_after_steps: int | None) -> dict[str, Any] | None:
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.task_name} fold {cfg.fold}", unit="step")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.task_name} fold {cfg.fold}", unit="step",
+                   disable=not distributed.is_main_process())
         while self.step < cfg.steps:
             if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, accountant="prv"):
                 raise DpunetError("the next step would exceed the privacy budget; refusing to continue")
@@ -320,12 +339,21 @@ class DPTrainer:
         describe = getattr(self.engine, "describe", None)
         return describe() if callable(describe) else {"name": self.engine.name}
 
+    def replica_tensors(self) -> list[torch.Tensor]:
+        """What must be identical on every rank of a distributed run: the weights and their EMA."""
+        return list(self.model.state_dict().values()) + list(self.ema.weights().values())
+
     def inference_weights(self) -> dict[str, torch.Tensor]:
         return self.ema.weights() if self.cfg.evaluate_ema else self.model.state_dict()
 
     def finish(self) -> dict[str, Any]:
-        """Final checkpoint, privacy report, validation, log and plot."""
+        """Final checkpoint, privacy report, validation, log and plot (rank 0 only; other ranks wait for it and
+        return no report)."""
         cfg = self.cfg
+        distributed.assert_replicas_identical(self.replica_tensors(), "final weights")
+        if not distributed.is_main_process():
+            distributed.barrier()  # rank 0 writes the outputs and validates
+            return {"report": None, "validation": None, "output_dir": str(self.output_dir)}
         final = self.state_dict()
         final["inference_weights"] = "ema" if cfg.evaluate_ema else "final"
         save_checkpoint(final, self.output_dir / "checkpoint_final.pt")
@@ -339,6 +367,7 @@ class DPTrainer:
         plot_progress(self.log, self.validation_curve, self.output_dir / "progress.png",
                       f"{self.task_name} {cfg.configuration} fold {cfg.fold} eps {report['target_epsilon']}")
         self.save_latest()
+        distributed.barrier()
         return {"report": report, "validation": summary, "output_dir": str(self.output_dir)}
 
     def validate(self) -> dict[str, Any]:

@@ -8,13 +8,19 @@ the layer's per-PATIENT gradients (the K patches of a patient summed) are comput
 rules in `fast_layers`:
 
 - conv / transposed conv weight: the native weight-gradient kernel as a grouped convolution with groups = B,
-  the K patches as its batch (same FLOPs as the batched weight gradient, no unfolded inputs);
-- or, for layers with few output positions (deep U-Net stages), only the per-patient norm by the ghost-norm
-  trick; the layer's input and output gradient are kept and a second weight-gradient op with per-patient-
-  scaled output gradients gives its clipped sum (`fast_cost` decides per layer and records why);
+  the K patches as its batch (same FLOPs as the batched weight gradient, no unfolded 3D inputs), or one of
+  its variants (`ConvRule.METHODS`: channels-last copy, a loop over patients, or for small 2D layers a
+  matmul of unfolded patches);
+- or, for layers with few output positions (deep U-Net stages, where `fast_cost` allows it), only the
+  per-patient norm by the ghost-norm trick, from Gram matrices computed without unfolding; the layer's input
+  and output gradient are kept and a second weight-gradient op with per-patient-scaled output gradients
+  gives its clipped sum;
 - GroupNorm / InstanceNorm (affine), Linear, biases: closed-form per-patient sums;
 - any other module owning trainable parameters (e.g. weight-standardised convs): torch.func vmap over
   patients of the module's own vjp, or a per-patient loop when vmap cannot run it.
+
+Where a layer has several implementations (and the ghost norm is allowed), the first micro-batch of each
+shape times them and keeps the fastest, like cudnn.benchmark; `describe()` records the choice and timings.
 
 Then per-patient norms (fp32), clip factors min(1, C/||g_i||) (0 for a non-finite gradient), and the clipped
 sum per parameter (a matrix-vector product over instantiated gradients). Mode "loop" runs one patient at a
@@ -32,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -73,13 +79,18 @@ class _Call:
     args: tuple
     kwargs: dict
     autocast: tuple[str, bool, torch.dtype]
+    input_version: int  # autograd version counter of the input when the layer used it
     grad: Tensor | None = None
     ghost_plan: LayerPlan | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def activation(self) -> Tensor:
-        return self.args[0]
+        a = self.args[0]
+        if isinstance(a, Tensor) and a._version != self.input_version:
+            raise DpunetError(f"fast engine: the input of {self.layer.name} ({type(self.layer.module).__name__}) "
+                              "was modified in place after the layer used it; in-place operations (e.g. "
+                              "inplace=True activations) break per-sample gradients")
+        return a
 
     def release(self) -> None:
         self.args, self.kwargs, self.grad = (), {}, None
@@ -160,8 +171,10 @@ class FastGradientEngine(GradientEngine):
                 raise DpunetError(f"fast engine: module {layer.name} ({type(module).__name__}) returns "
                                   f"{type(output).__name__}; layers owning parameters must return one tensor")
             device_type = output.device.type
+            first = args[0] if args else None
             call = _Call(layer, args, kwargs, (device_type, torch.is_autocast_enabled(device_type),
-                                               torch.get_autocast_dtype(device_type)))
+                                               torch.get_autocast_dtype(device_type)),
+                         first._version if isinstance(first, Tensor) else 0)
             if not output.requires_grad:
                 # nothing upstream needs a gradient (weights are switched off): make this output a root of
                 # the backward so that the data gradient flows down to it
@@ -286,23 +299,29 @@ class FastGradientEngine(GradientEngine):
             plan.strategy, plan.method = strategy, name
             return run()
         device = self._device
-        best = None
+        best = error = None
         timings: dict[str, float] = {}
         for name, (strategy, run, rest) in candidates.items():
-            rest(run())  # untimed: one-time set-up (kernel selection, primitive caches)
-            for _ in range(self.autotune_repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                result = run()
-                rest(result)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                timings[name] = min(timings.get(name, math.inf), (time.perf_counter() - start) * 1e3)
+            try:
+                rest(run())  # untimed: one-time set-up (kernel selection, primitive caches)
+                for _ in range(self.autotune_repeats):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                    result = run()
+                    rest(result)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    timings[name] = min(timings.get(name, math.inf), (time.perf_counter() - start) * 1e3)
+            except RuntimeError as e:  # e.g. out of memory for one implementation: the others may do
+                timings[name], error = math.inf, e
+                continue
             if plan.method is None or timings[name] < timings[plan.method]:
                 best, plan.method, plan.strategy = result, name, strategy
             del result
-        plan.method_ms = {name: round(ms, 3) for name, ms in timings.items()}
+        if plan.method is None:
+            raise error
+        plan.method_ms = {name: (round(ms, 3) if math.isfinite(ms) else None) for name, ms in timings.items()}
         return best
 
     # ---------------------------------------------------------------- generic fallback
@@ -439,8 +458,8 @@ class FastGradientEngine(GradientEngine):
             data, targets = batch.patient(i)
             loss = self.loss_fn(self.model(data.detach()), targets).mean()
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            norm = torch.sqrt(sum(torch.einsum("p,p->", g.reshape(-1).float(), g.reshape(-1).float())
-                                  for g in grads if g is not None))
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                         for g in grads if g is not None]))
             factor, finite, _, _ = finalize_per_patient(norm.reshape(1), self.clip_norm)
             if bool(finite[0]):
                 for acc, g in zip(self.summed_grad, grads):

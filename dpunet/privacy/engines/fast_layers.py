@@ -4,11 +4,12 @@ input activation `a` (N, ...) and output gradient `g` (N, ...), N = B*K patches,
 A per-patient gradient sums the K patches of the patient, so every op here works on the patient axis B and
 folds K into the reduction. Nothing here unfolds a large activation: convolution weight gradients go through
 the native weight-gradient kernel (aten.convolution_backward), per patient via a grouped convolution with
-groups = B (the K patches become the batch of that convolution). Only ghost norms unfold, and the cost model
-allows them only for layers with few output positions.
+groups = B (the K patches become the batch of that convolution); ghost norms build the patch Gram matrix
+from the Gram of the (padded) input's pixels; only the "unfold_bmm" variant unfolds, for 1D/2D layers whose
+unfolded input is no larger than the per-patient gradients.
 
 Under autocast a layer ran in its output's dtype (bf16 for convs, fp32 for norms); its output gradient has
-that dtype, so each rule computes in `g.dtype` and returns fp32 results.
+that dtype, so each rule computes in `g.dtype` (norms and Grams in fp32) and returns fp32 results.
 """
 from __future__ import annotations
 
@@ -26,6 +27,31 @@ conv_backward = torch.ops.aten.convolution_backward
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 INSTANCE_NORM_TYPES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+# per device type: whether the backend's weight-gradient kernel accepted a stride-0 stand-in for the weight
+_STRIDE0_WEIGHT_OK: dict[str, bool] = {}
+
+
+def weight_gradient(g: Tensor, a: Tensor, weight_shape: Sequence[int], bias_sizes: list[int] | None,
+                    args: dict, with_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """Weight (and bias) gradient by aten.convolution_backward without the data gradient. The kernel reads
+    only the weight's shape, so a stride-0 view stands in for it (no memory); a backend that refuses one
+    gets an uninitialised tensor instead (remembered per device type)."""
+    device = g.device.type
+    mask = [False, True, with_bias]
+    if _STRIDE0_WEIGHT_OK.get(device, True):
+        try:
+            _, grad_w, grad_b = conv_backward(g, a, g.new_zeros(()).expand(*weight_shape), bias_sizes, **args,
+                                              output_mask=mask)
+            _STRIDE0_WEIGHT_OK[device] = True
+            return grad_w, grad_b
+        except RuntimeError:
+            if _STRIDE0_WEIGHT_OK.get(device):
+                raise  # it worked before on this device: a real error
+            _STRIDE0_WEIGHT_OK[device] = False
+    _, grad_w, grad_b = conv_backward(g, a, g.new_empty(tuple(weight_shape)), bias_sizes, **args, output_mask=mask)
+    return grad_w, grad_b
 
 
 def patient_major(t: Tensor, num_patients: int) -> Tensor:
@@ -165,16 +191,14 @@ class ConvRule(LayerRule):
         a, args = self.geometry(module, a.to(g.dtype), g)
         weight_shape = module.weight.shape
         channels = g.shape[1]
-        mask = [False, True, with_bias]
         if method == "patient_loop":
             k = g.shape[0] // num_patients
-            fake_weight = g.new_zeros(()).expand(*weight_shape)
-            parts = [conv_backward(g[i * k:(i + 1) * k], a[i * k:(i + 1) * k], fake_weight,
-                                   [channels] if with_bias else None, **args, output_mask=mask)
+            parts = [weight_gradient(g[i * k:(i + 1) * k], a[i * k:(i + 1) * k], weight_shape,
+                                     [channels] if with_bias else None, args, with_bias)
                      for i in range(num_patients)]
-            out = {"weight": torch.stack([p[1] for p in parts]).float()}
+            out = {"weight": torch.stack([p[0] for p in parts]).float()}
             if with_bias:
-                out["bias"] = torch.stack([p[2] for p in parts]).float()
+                out["bias"] = torch.stack([p[1] for p in parts]).float()
             return out
         if method == "unfold_bmm":
             columns = _per_patient_columns(self._columns(module, a, g), num_patients)  # (B, D, KT)
@@ -186,12 +210,11 @@ class ConvRule(LayerRule):
         if method not in self.METHODS:
             raise ValueError(f"unknown conv per-patient method {method!r}; known: {self.METHODS}")
         channels_last = method == "grouped_channels_last"
-        # the weight gradient kernel reads only the weight's shape: a stride-0 view costs no memory
-        fake_weight = g.new_zeros(()).expand(num_patients * weight_shape[0], *weight_shape[1:])
         args["groups"] *= num_patients
-        _, grad_w, grad_b = conv_backward(
+        grad_w, grad_b = weight_gradient(
             k_major_channels(g, num_patients, channels_last), k_major_channels(a, num_patients, channels_last),
-            fake_weight, [num_patients * channels] if with_bias else None, **args, output_mask=mask)
+            (num_patients * weight_shape[0], *weight_shape[1:]), [num_patients * channels] if with_bias else None,
+            args, with_bias)
         out = {"weight": grad_w.reshape(num_patients, *weight_shape).float().contiguous()}
         if with_bias:
             out["bias"] = grad_b.view(num_patients, channels).float()
@@ -239,9 +262,7 @@ class ConvRule(LayerRule):
 
     def summed_weight_grad(self, module, a, g_scaled):
         a, args = self.geometry(module, a.to(g_scaled.dtype), g_scaled)
-        fake_weight = g_scaled.new_zeros(()).expand(*module.weight.shape)
-        _, grad_w, _ = conv_backward(g_scaled, a, fake_weight, None, **args, output_mask=[False, True, False])
-        return grad_w.float()
+        return weight_gradient(g_scaled, a, module.weight.shape, None, args, False)[0].float()
 
 
 def _per_patient_columns(t: Tensor, num_patients: int) -> Tensor:

@@ -1,0 +1,193 @@
+"""Multi-process DP training (torch.distributed, gloo on CPU): two ranks train exactly the single-process model.
+
+The oracle is a single-process run with the same seed and options: two ranks (each accumulating its shard of the
+same Poisson draw, summing the shards, adding the same noise once) must give the identical privacy report and the
+same weights up to floating-point summation order; so must a single-process run resumed by two ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as tmp
+
+from dataset_conversion.generate_synthetic import generate_synthetic_task
+from dpunet.training import distributed
+from dpunet.training.config import merge_plan_and_options
+from dpunet.training.trainer import DPTrainer, load_training_inputs
+from dpunet.utils.errors import DpunetError
+
+STEPS = 4
+SEED = 3
+# SGD (linear in the gradient, unlike Adam) so that a gradient counted twice or noise added twice shows up.
+# One patient per micro-batch: each patient's gradient is then computed by the very same kernels in both runs and
+# only the order of the sum differs (batched convolutions of other sizes round differently, and this tiny untrained
+# GroupNorm network amplifies such 1e-7 differences to ~1e-5 over a few steps).
+CLI_OPTIONS = ["--eps", "8", "-c", "3d_fullres", "--engine", "functorch", "--no-augmentation",
+               "--patients-per-micro-batch", "1", "--device", "cpu", "--optimizer", "sgd",
+               "--lr", "0.05", "--lr-schedule", "constant", "--warmup-steps", "0", "--seed", str(SEED)]
+TRAINER_OPTIONS = dict(task="990", fold="0", epsilon=8.0, configuration="3d_fullres", engine="functorch",
+                       augmentation=False, patients_per_micro_batch=1, device="cpu", validation=False,
+                       optimizer="sgd", learning_rate=0.05, lr_schedule="constant", warmup_steps=0, seed=SEED)
+
+
+def _env(roots: dict[str, Path]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({f"DPUNET_{k.upper()}": str(v) for k, v in roots.items()})
+    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    return env
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("dist")
+    roots = {"raw": base / "raw", "preprocessed": base / "pre"}
+    generate_synthetic_task(roots["raw"], num_cases=16, cases_per_patient=2, base_shape=(10, 32, 32),
+                            spacing=(2.0, 1.0, 1.0), seed=5)
+    proc = subprocess.run([sys.executable, "-m", "dpunet.plan_and_preprocess", "-t", "990", "-c", "3d_fullres",
+                           "--width", "0.25", "--steps", str(STEPS), "--patients-per-step", "3",
+                           "--patches-per-patient", "2", "-np", "1"], env=_env(roots), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return roots
+
+
+def _with_results(roots: dict[str, Path], results: Path, monkeypatch=None) -> dict[str, Path]:
+    out = {**roots, "results": results}
+    if monkeypatch is not None:
+        for k, v in out.items():
+            monkeypatch.setenv(f"DPUNET_{k.upper()}", str(v))
+    return out
+
+
+def single_process_trainer() -> DPTrainer:
+    _, _, plan_config, _, _ = load_training_inputs("990", "3d_fullres")
+    return DPTrainer(merge_plan_and_options(plan_config, dict(TRAINER_OPTIONS)))
+
+
+def torchrun(roots: dict[str, Path], *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "dpunet.training.cli", "990", "0", *CLI_OPTIONS, *extra],
+                          env=_env(roots), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _load(run_dir: Path) -> tuple[dict, dict, list[str], dict]:
+    state = torch.load(run_dir / "checkpoint_final.pt", weights_only=True)
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    log = (run_dir / "training_log.csv").read_text().strip().splitlines()
+    config = json.loads((run_dir / "run_config.json").read_text())
+    return state, report, log, config
+
+
+def _assert_same_training(single_dir: Path, multi_dir: Path, initial: dict[str, torch.Tensor]) -> None:
+    s_state, s_report, s_log, s_config = _load(single_dir)
+    m_state, m_report, m_log, m_config = _load(multi_dir)
+    # like for like: every option equal (the device string and validation aside)
+    skip = ("device", "validation")
+    assert {k: v for k, v in s_config["training_config"].items() if k not in skip} == \
+        {k: v for k, v in m_config["training_config"].items() if k not in skip}
+    assert m_config["world_size"] == 2 and s_config["world_size"] == 1
+    # the privacy report carries no timing field: identical, sigma, q, T, epsilons and all
+    assert m_report == s_report
+    assert m_state["step"] == s_state["step"] == STEPS
+    assert m_state["sampler"] == s_state["sampler"]
+    assert torch.equal(m_state["noise_generator"], s_state["noise_generator"])
+    moved = max(float((s_state["weights"][k].float() - v.float()).abs().max()) for k, v in initial.items())
+    assert moved > 1e-2, "the runs must actually train for the comparison to mean anything"
+    for key in ("weights", "ema"):
+        for name, value in s_state[key].items():
+            torch.testing.assert_close(m_state[key][name], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key, name=name: f"{key} {name}: {m}")
+    # the summed statistics: same patients per step and the same loss (up to summation order)
+    assert len(m_log) == len(s_log) == STEPS + 1
+    for s_row, m_row in zip(s_log[1:], m_log[1:]):
+        s_cells, m_cells = s_row.split(","), m_row.split(",")
+        assert s_cells[:3] == m_cells[:3] and s_cells[4:7] == m_cells[4:7]  # step, epsilon, patients, clip, lr
+        assert float(m_cells[3]) == pytest.approx(float(s_cells[3]), rel=1e-5)  # loss
+
+
+@pytest.fixture(scope="module")
+def single_run(roots, tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """The oracle: (results root, run folder, initial weights) of an uninterrupted single-process run."""
+    results = tmp_path_factory.mktemp("single")
+    with pytest.MonkeyPatch.context() as mp:
+        _with_results(roots, results, mp)
+        single = single_process_trainer()
+        initial = {k: v.clone() for k, v in single.model.state_dict().items()}
+        single.run()
+    return results, single.output_dir, initial
+
+
+def test_two_ranks_train_the_single_process_model(roots, single_run, tmp_path):
+    single_results, single_dir, initial = single_run
+    # with rank-0-only validation: the other rank waits at the barrier
+    proc = torchrun(_with_results(roots, tmp_path / "multi"))
+    multi_dir = tmp_path / "multi" / single_dir.relative_to(single_results)
+    _assert_same_training(single_dir, multi_dir, initial)
+    assert (multi_dir / "validation" / "summary.json").is_file()
+    assert proc.stdout.count("privacy: epsilon") == 1, "only rank 0 prints the summary"
+
+
+def test_two_ranks_continue_a_single_process_checkpoint(roots, single_run, tmp_path, monkeypatch):
+    _, single_dir, initial = single_run
+    _with_results(roots, tmp_path / "resumed", monkeypatch)
+    interrupted = single_process_trainer()
+    assert interrupted.run(stop_after_steps=2) is None
+    # both ranks load checkpoint_latest.pt (sampler, noise generator, ledger, weights) and finish the run
+    torchrun(_with_results(roots, tmp_path / "resumed"), "--no-validation", "--continue")
+    _assert_same_training(single_dir, interrupted.output_dir, initial)
+
+
+# ----- the helpers of dpunet.training.distributed, in two spawned gloo ranks -----------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _helpers_worker(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    setup = distributed.init_distributed("cpu")
+    try:
+        assert setup is not None and (setup.rank, setup.world_size, setup.backend) == (rank, world_size, "gloo")
+        assert distributed.is_main_process() == (rank == 0)
+        assert distributed.shard(list("abcde")) == [list("ace"), list("bd")][rank]
+        grads = [torch.full((2, 3), float(rank + 1)), torch.arange(4.0) * (rank + 1)]
+        stats = torch.tensor([0.5 * (rank + 1), rank], dtype=torch.float64)
+        distributed.all_reduce_sum([*grads, stats])
+        assert torch.equal(grads[0], torch.full((2, 3), 3.0)) and torch.equal(grads[1], torch.arange(4.0) * 3)
+        assert stats.tolist() == [1.5, 1.0]
+        distributed.assert_replicas_identical(grads, "summed gradients")
+        try:
+            distributed.assert_replicas_identical([torch.ones(3), torch.full((2,), float(rank))], "weights")
+        except DpunetError as e:
+            assert "differ between rank 0 and rank 1 (tensor 1 of 2)" in str(e)
+        else:
+            raise AssertionError("diverged replicas were not detected")
+        distributed.barrier()
+    finally:
+        distributed.destroy_distributed()
+    assert not distributed.is_distributed() and distributed.world_size() == 1
+
+
+def test_distributed_helpers_in_two_gloo_ranks():
+    # fork: the ranks need no fresh interpreter (spawn would re-import torch, ~10 s on a loaded machine)
+    tmp.start_processes(_helpers_worker, args=(2, _free_port()), nprocs=2, join=True, start_method="fork")
+
+
+def test_helpers_are_no_ops_outside_torchrun(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_distributed("cpu") is None
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main_process()) == (0, 1, True)
+    tensors = [torch.ones(3)]
+    distributed.all_reduce_sum(tensors)
+    distributed.assert_replicas_identical(tensors, "weights")
+    assert torch.equal(tensors[0], torch.ones(3)) and distributed.shard([1, 2, 3]) == [1, 2, 3]
