@@ -130,3 +130,31 @@ def test_bad_dataset_fails_before_writing_plans(task_dir, tmp_path):
     assert proc.returncode != 0
     assert victim.name in proc.stderr
     assert not (roots["preprocessed"] / task_dir.name / "dpunet_plans.json").exists()
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("converter, task_id, channels", [("camvid", 101, 3), ("isbi2012", 102, 1)])
+def test_plan_and_preprocess_converted_natural_image_tasks(tmp_path, converter, task_id, channels):
+    from tests.conftest import shared_path
+
+    if converter == "camvid":
+        from dataset_conversion.convert_camvid import convert_camvid as convert
+        source = shared_path("data", "CamVid")
+    else:
+        from dataset_conversion.convert_isbi2012 import convert_isbi2012 as convert
+        source = shared_path("data", "ISBI2012_membrane")
+    roots = {"raw": tmp_path / "raw", "preprocessed": tmp_path / "pre", "results": tmp_path / "res"}
+    task_dir = convert(source, roots["raw"], task_id=task_id, limit=10)
+    proc = run_cli("dpunet.plan_and_preprocess", "-t", str(task_id), "-np", "2", "--patients-per-step", "4",
+                   roots=roots)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = roots["preprocessed"] / task_dir.name
+    plans = json.loads((out / "dpunet_plans.json").read_text())
+    assert list(plans["configurations"]) == ["2d"]  # one-slice images: 2D only
+    config = plans["configurations"]["2d"]
+    assert len(config["patch_size"]) == 2 and config["architecture"]["kwargs"]["dim"] == 2
+    assert len(config["normalization_schemes"]) == channels
+    if converter == "camvid":
+        assert plans["ignore_label"] == 11 and plans["background_label"] is None and plans["num_classes"] == 11
+    npz = np.load(sorted((out / "2d").glob("*.npz"))[0])
+    assert npz["data"].shape[0] == channels and npz["data"].shape[1] == 1

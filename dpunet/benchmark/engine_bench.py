@@ -417,26 +417,34 @@ gradients and one weighted sum (design brief, section 6).
 Book-keeping per-sample clipping (Bu et al. 2023) with the patient as the unit:
 
 1. One forward and one backward over the flat batch of B patients x K patches. The trainable weights are
-   switched to `requires_grad=False` for the pass, so autograd computes only the data gradient; forward hooks
-   keep each layer's input, tensor hooks on each layer's output receive its output gradient.
-2. In the hook, per layer, per-*patient* gradients (the K patches of a patient summed):
-   convolutions and transposed convolutions with the native weight-gradient kernel run as a grouped
-   convolution with groups = B and the K patches as its batch (same FLOPs as the batched weight gradient, no
-   unfolded copy of 3D activations); GroupNorm/InstanceNorm/Linear/biases in closed form; any other module
-   with parameters (e.g. weight-standardised convs) by torch.func vmap of its own vjp over patients.
-3. A per-layer cost model (`fast_cost.py`, Bu et al.'s mixed ghost clipping): where 2(K T)^2 < p (T output
-   positions, p weights: the deep, low-resolution stages) only the per-patient norm is computed, by the ghost
-   norm from two Gram matrices, and the layer's input and output gradient are kept; elsewhere the per-patient
-   gradients are instantiated. `engine.describe()` returns the per-layer table (strategy, T, p, bytes, why)
-   that the trainer logs.
-4. Norms in fp32 over all parameters, clip factors min(1, C/||g_i||) (0 and counted for a non-finite
+   switched to `requires_grad=False` for the pass, so autograd computes only the data gradient (no batched
+   weight gradient to throw away); forward hooks keep each layer's input, tensor hooks on each layer's
+   output receive its output gradient.
+2. In the hook, per layer, per-*patient* gradients (the K patches of a patient summed), with the same FLOPs
+   as the batched weight gradient: the native weight-gradient kernel as a grouped convolution with
+   groups = B and the K patches as its batch, or a variant of it (channels-last copy, a loop over patients,
+   or a matmul of unfolded patches for small 2D layers; 3D activations are never unfolded);
+   GroupNorm/InstanceNorm through torch's fused GroupNorm backward on a (1, B*K*C) view, Linear and biases
+   in closed form; any other module with parameters (e.g. weight-standardised convs) by torch.func vmap of
+   its own vjp over patients.
+3. A per-layer cost model (`fast_cost.py`, Bu et al.'s mixed ghost clipping) allows the ghost norm where
+   2(K T)^2 < p (T output positions, p weights) and its buffers are smaller than the per-patient gradients:
+   the deep, low-resolution stages. There only the per-patient norm is computed, from two Gram matrices
+   (the input patches' Gram is built from the Gram of the padded input's pixels, summed over the kernel
+   offsets: no unfolding), and the layer's input and output gradient are kept for the clipped sum.
+4. Where a layer has several implementations (and the ghost norm is allowed), the first micro-batch of each
+   shape times them and keeps the fastest, like cudnn.benchmark (on a CPU the ghost norm's Gram FLOPs often
+   cost more than the memory passes they save; on a GPU the reverse is expected). `engine.describe()`
+   returns the per-layer table (strategy, implementation, timings, T, p, bytes, why) the trainer logs.
+5. Norms in fp32 over all parameters, clip factors min(1, C/||g_i||) (0 and counted for a non-finite
    gradient), then the clipped sum: a matrix-vector product over instantiated gradients, and for ghost layers
    a second weight-gradient op with per-patient-scaled output gradients.
 
 Mode `loop` (chosen automatically for one patient per micro-batch) runs one patient at a time through the
 whole network: for large 3D patches, where one patient fills the GPU, that is a non-private step plus one
-norm. Correctness: `tests/test_fast_engine.py` compares the engine with the per-patient reference loop and
-with Opacus on every architecture preset, 2D and 3D, K = 1 and 3, clipping on and off.
+norm. Correctness: `tests/test_fast_engine.py` compares the engine with the per-patient reference loop on
+every architecture preset (2D and 3D, K = 1 and 3, clipping on and off, every implementation) and with
+Opacus' hooks.
 
 ## Targets
 

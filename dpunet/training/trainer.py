@@ -35,7 +35,7 @@ from dpunet.training import distributed
 from dpunet.training.dataloading import PatientPatchSampler, PreprocessedCaseStore, iterate_micro_batches
 from dpunet.training.loader_workers import BackgroundPatientLoader
 from dpunet.training.ema import WeightEMA
-from dpunet.training.loss import SegmentationLoss, deep_supervision_weights
+from dpunet.training.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.training.progress import TrainingLog, plot_progress
 from dpunet.training.schedule import lr_factor, make_optimizer
 from dpunet.utils.errors import DpunetError
@@ -124,12 +124,24 @@ class DPTrainer:
                                         include_background_in_dice=self.task.background_label is None,
                                         patches_per_patient=cfg.patches_per_patient)
         self.engine = make_engine(cfg.engine if cfg.private else "nonprivate", self.model, self.loss_fn,
-                                  cfg.clip_norm if cfg.private else None)
+                                  cfg.clip_norm if cfg.private else None,
+                                  benchmark_batch=self._shape_only_batch() if cfg.engine == "auto" else None)
         self.optimizer = make_optimizer(cfg.optimizer, self.engine.params, cfg.learning_rate, cfg.momentum,
                                         cfg.weight_decay)
         self.ema = WeightEMA(self.model, cfg.ema_decay)
         self.noise_generator = torch.Generator(device=self.device)
         self.noise_generator.manual_seed(cfg.seed + 1)
+
+    def _shape_only_batch(self) -> PatientBatch:
+        """Random data with the shapes of one patient's K patches: engine auto-selection times the engines on
+        it, so the choice depends on shapes only and never touches private data."""
+        pc, k = self.plan_config, self.cfg.patches_per_patient
+        generator = torch.Generator().manual_seed(0)
+        data = torch.randn(1, k, self.task.num_channels, *pc["patch_size"], generator=generator)
+        seg = torch.randint(0, self.num_classes, (1, k, 1, *pc["patch_size"]), generator=generator)
+        strides = self.arch["kwargs"]["strides"] if self.cfg.deep_supervision else [[1] * len(pc["patch_size"])] * 2
+        targets = downsample_seg_for_deep_supervision(seg, strides, None if self.cfg.deep_supervision else 1)
+        return PatientBatch(data.to(self.device), [t.to(self.device) for t in targets])
 
     def _build_data(self) -> None:
         cfg = self.cfg
