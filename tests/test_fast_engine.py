@@ -58,7 +58,7 @@ class CoverageNet(nn.Module):
         self.inorm = inorm(32, affine=True)
         self.twice = conv(32, 32, 1)
         self.scale = LearnedScale(32)
-        self.up = conv_t(32, 8, 2, stride=2)
+        self.up = conv_t(32, 8, 2, stride=2, groups=2)
         self.mix = nn.Linear(16, 8)
         self.head = conv(8, NCLS, 1)
         self.head_low = conv(32, NCLS, 1)
@@ -308,6 +308,32 @@ def test_hooks_removed_and_requires_grad_restored():
     data, targets = batch.flat()
     per_patch_loss(model(data), targets).sum().backward()
     assert model.stem.weight.grad is not None and frozen.grad is None
+
+
+class Net1d(nn.Module):
+    """1D layers: strided and transposed Conv1d, GroupNorm, and the unfold path of 1D convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.down = nn.Conv1d(8, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose1d(16, 8, 2, stride=2)
+        self.head = nn.Conv1d(8, NCLS, 1)
+        self.head_low = nn.Conv1d(16, NCLS, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.conv(x)))
+        low = torch.tanh(self.down(h))
+        return [self.head(h + self.up(low)), self.head_low(low)]
+
+
+@pytest.mark.parametrize("method", ["auto", "unfold_bmm", "patient_loop"])
+def test_conv1d_layers_equal_reference(method):
+    torch.manual_seed(6)
+    fast, ref, fs, rs = run_both(Net1d().double(), per_patch_loss, make_batch(3, 2, 2, (16,), [1, 2]), 0.05,
+                                 method=method, ghost="auto", mode="layerwise")
+    assert_same_sums(fast, ref, fs, rs)
 
 
 class ModifiesInputInPlace(nn.Module):

@@ -26,6 +26,7 @@ import copy
 import datetime
 import gc
 import math
+import os
 import platform
 import re
 import statistics
@@ -86,10 +87,10 @@ PRESETS: dict[str, list[BenchNet]] = {
         BenchNet("3D 128^3 b2", 3, (128, 128, 128), 2, features(32, 320, 6)),
         BenchNet("3D 64^3 b8", 3, (64, 64, 64), 8, features(32, 320, 5)),
     ],
-    # the same three shapes at half the width and resolution, one stage less, so that all methods finish in
-    # about two minutes on 2 CPU cores
+    # the same three shapes scaled down (half the width, a quarter of the resolution per axis or less, fewer
+    # stages) so that all methods finish in about two minutes on 2 CPU cores
     "cpu": [
-        BenchNet("2D 128x128 b8", 2, (128, 128), 8, features(16, 256, 6)),
+        BenchNet("2D 64x64 b8", 2, (64, 64), 8, features(16, 256, 5)),
         BenchNet("3D 32^3 b2", 3, (32, 32, 32), 2, features(16, 128, 4)),
         BenchNet("3D 16^3 b8", 3, (16, 16, 16), 8, features(16, 128, 3)),
     ],
@@ -226,7 +227,13 @@ class StepRunner:
             return ""
         info = describe()
         counts = ", ".join(f"{n} {s}" for s, n in sorted(info.get("strategy_counts", {}).items()))
-        return f"{info.get('mode', '')}: {counts}" if counts else str(info.get("mode", ""))
+        methods: dict[str, int] = {}
+        for layer in info.get("layers", []):
+            if layer.get("method_ms"):  # layers that had a choice: which implementation won
+                methods[layer["method"]] = methods.get(layer["method"], 0) + 1
+        chosen = ", ".join(f"{m} {n}" for m, n in sorted(methods.items()))
+        text = f"{info.get('mode', '')}: {counts}" if counts else str(info.get("mode", ""))
+        return f"{text} (timed layers: {chosen})" if chosen else text
 
     def close(self) -> None:
         if self.engine is not None:
@@ -386,6 +393,14 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
+def load_average() -> str:
+    """The 1-minute load average and core count (other processes distort CPU timings), or n/a."""
+    try:
+        return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except (AttributeError, OSError):
+        return "n/a"
+
+
 def versions() -> str:
     try:
         import opacus
@@ -456,7 +471,15 @@ Opacus' hooks.
 Targets are for K = 1 patch per patient; K > 1 rows are reported for information (the non-private
 baseline then processes the same B*K patches). A full step is engine accumulate + noisy step
 (`dpunet.privacy.dp_step`) + optimiser step (SGD with momentum); the non-private step is a plain PyTorch
-forward, backward and optimiser step. Times are medians over the measured steps after warm-up.
+forward, backward and optimiser step. Times are medians over the measured steps after warm-up; the first
+warm-up step of the fast engine includes its one-time timing of implementations.
+
+What a DP step adds and cannot avoid: writing B per-patient gradients and summing them (or, where the
+ghost norm is used, its Gram matrices and a second weight-gradient op), and drawing Gaussian noise for every
+parameter. These costs scale with the parameters, not with the voxels, so they weigh more on the small CPU
+nets (and on 2D nets with wide, low-resolution deep stages) than on the GPU nets, whose convolutions run on
+far more voxels per parameter. On a shared machine, CPU timings vary with the other load: the methods' steps
+are interleaved so that it hits all of them alike, and `--threads 1` gives the steadiest ratios.
 """
 
 SECTION_TITLES = {"gpu": "Results: GPU preset", "cpu": "Results: CPU preset"}
@@ -561,6 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  progress on stderr, table on stdout
 
     started = time.perf_counter()
+    load_before = load_average()
+    if device_type == "cpu" and torch.get_num_threads() > 1 and os.cpu_count() and hasattr(os, "getloadavg") \
+            and os.getloadavg()[0] > os.cpu_count() - 1:
+        log(f"warning: the machine is busy (load {load_before}); multi-threaded CPU timings are then "
+            "unreliable, --threads 1 gives steadier ratios")
     measurements: list[Measurement] = []
     runs = [(net, args.patches_per_patient, methods) for net in nets]
     if args.extra_k and args.extra_k != args.patches_per_patient:
@@ -579,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Device: {device_name(device)}; {versions()}; precision {args.precision}; measured {when}.",
         f"{args.steps} measured steps after {args.warmup} warm-up steps per method, "
         f"{'interleaved' if interleave else 'one method after the other'}; clip norm {args.clip_norm}, "
-        f"noise multiplier {args.noise_multiplier}; peak memory: {memory_how}; total run {elapsed:.0f} s.",
+        f"noise multiplier {args.noise_multiplier}; peak memory: {memory_how}; total run {elapsed:.0f} s"
+        + (f"; load average {load_before} before, {load_average()} after." if device_type == "cpu" else "."),
         "",
         table,
         "",

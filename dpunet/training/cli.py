@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None, help="background data-loading processes")
     p.add_argument("--no-augmentation", dest="augmentation", action="store_false", default=None,
                    help="patches without data augmentation (ablations, debugging)")
+    p.add_argument("--oversample-foreground", type=float, default=None,
+                   help="fraction of patches centred on a foreground voxel (plan default 0.33)")
+    p.add_argument("--dice-weight", type=float, default=None, help="weight of the soft Dice term (1)")
+    p.add_argument("--ce-weight", type=float, default=None, help="weight of the cross-entropy term (1)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--checkpoint-minutes", type=float, default=None, help="minutes between checkpoint_latest.pt")

@@ -39,6 +39,9 @@ class TrainingConfig:
     engine: str = "auto"
     num_workers: int = 0
     augmentation: bool = True
+    oversample_foreground: float = 0.33
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
     patients_per_micro_batch: int | None = None
     checkpoint_minutes: float = 5.0
     checkpoint_every_steps: int | None = None
@@ -78,9 +81,10 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
         "patches_per_patient": dp["patches_per_patient"],
         "clip_norm": dp["clip_norm"] if dp.get("clip_norm") else 1.0,
         "patients_per_micro_batch": plan_config.get("patients_per_micro_batch"),
+        "oversample_foreground": plan_config.get("oversample_foreground_fraction", 0.33),
     }
     for key in ("optimizer", "learning_rate", "momentum", "weight_decay", "lr_schedule", "warmup_steps",
-                "ema_decay", "evaluate_ema", "deep_supervision"):
+                "ema_decay", "evaluate_ema", "deep_supervision", "dice_weight", "ce_weight"):
         if key in train:
             values[key] = train[key]
     values.update({k: v for k, v in options.items() if v is not None})

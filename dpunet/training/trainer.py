@@ -121,6 +121,7 @@ class DPTrainer:
         # natural images (CamVid) have no background class: every class enters the Dice term
         self.loss_fn = SegmentationLoss(self.num_classes, self.task.ignore_label,
                                         deep_supervision_weights(max(1, n_out)),
+                                        dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight,
                                         include_background_in_dice=self.task.background_label is None,
                                         patches_per_patient=cfg.patches_per_patient)
         self.engine = make_engine(cfg.engine if cfg.private else "nonprivate", self.model, self.loss_fn,
@@ -156,7 +157,7 @@ class DPTrainer:
         store = PreprocessedCaseStore(self.data_dir, self.train_cases)
         strides = self.arch["kwargs"]["strides"] if cfg.deep_supervision else None
         self.patch_sampler = PatientPatchSampler(
-            store, self.patients, pc["patch_size"], cfg.patches_per_patient, pc["oversample_foreground_fraction"],
+            store, self.patients, pc["patch_size"], cfg.patches_per_patient, cfg.oversample_foreground,
             pc.get("augmentation") if cfg.augmentation else None, pc["dim"], self.task.ignore_label, strides)
         self.patients_per_micro_batch = max(1, cfg.patients_per_micro_batch or 1)
         self.loader: BackgroundPatientLoader | None = None

@@ -171,10 +171,16 @@ class FastGradientEngine(GradientEngine):
                 raise DpunetError(f"fast engine: module {layer.name} ({type(module).__name__}) returns "
                                   f"{type(output).__name__}; layers owning parameters must return one tensor")
             device_type = output.device.type
+            autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
             first = args[0] if args else None
-            call = _Call(layer, args, kwargs, (device_type, torch.is_autocast_enabled(device_type),
-                                               torch.get_autocast_dtype(device_type)),
-                         first._version if isinstance(first, Tensor) else 0)
+            rule = rule_for(module)
+            if (autocast[1] and rule is not None and rule.autocast_input and isinstance(first, Tensor)
+                    and first.is_floating_point() and first.dtype != autocast[2]):
+                # keep the low-precision copy the layer computed with (what autograd would save), not the
+                # wider input, which may then be freed
+                first = first.to(autocast[2])
+                args = (first, *args[1:])
+            call = _Call(layer, args, kwargs, autocast, first._version if isinstance(first, Tensor) else 0)
             if not output.requires_grad:
                 # nothing upstream needs a gradient (weights are switched off): make this output a root of
                 # the backward so that the data gradient flows down to it

@@ -84,6 +84,10 @@ def k_major_channels(t: Tensor, num_patients: int, channels_last: bool = False) 
 class LayerRule(ABC):
     """How to get per-patient gradients of one kind of layer's own parameters."""
 
+    # the layer runs in autocast's lower precision (convs, linear): keep its input in that dtype, as autograd
+    # would for a weight gradient, instead of the wider tensor that arrived
+    autocast_input: bool = False
+
     def methods(self, module: nn.Module, a: Tensor, g: Tensor, num_patients: int) -> tuple[str, ...]:
         """Interchangeable implementations of `per_patient` for these shapes (same result; the engine may
         time them). The first is the default."""
@@ -130,6 +134,7 @@ class ConvRule(LayerRule):
     the layer. The ghost norm (`ghost_sq_norms`) needs no unfolding either (`patch_gram`)."""
 
     METHODS = ("grouped", "grouped_channels_last", "patient_loop", "unfold_bmm")
+    autocast_input = True
 
     def methods(self, module: nn.Module, a: Tensor, g: Tensor, num_patients: int) -> tuple[str, ...]:
         if self.unfold_allowed(module, g, num_patients):
@@ -282,6 +287,8 @@ def _ghost_from_grams(patches: Tensor, grads: Tensor) -> Tensor:
 
 class LinearRule(LayerRule):
     """nn.Linear on (N, ..., in_features)."""
+
+    autocast_input = True
 
     def positions(self, module, a, g):
         return int(math.prod(a.shape[1:-1]))
