@@ -510,3 +510,14 @@ def test_hippocampus_prediction_has_the_input_geometry(tmp_path, monkeypatch):
     np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
     note = load_json(out / "privacy_note.json")
     assert note["membership_source"].startswith("splits not available")
+    # training-set cases (validation cases of some fold; 003 has a float32 label) land on their labels' grid
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for case in ("hippocampus_001", "hippocampus_003"):
+        (cases / f"{case}.nii.gz").symlink_to(image.parent.parent / "imagesTr" / f"{case}.nii.gz")
+    predict_folder(cases, tmp_path / "out_tr", "Task04_Hippocampus", None, [0], 8.0, num_processes=0,
+                   use_mirroring=False, progress=False)
+    for case in ("hippocampus_001", "hippocampus_003"):
+        _, g_label = read_label(image.parent.parent / "labelsTr" / f"{case}.nii.gz")
+        seg, g_pred = read_label(tmp_path / "out_tr" / f"{case}.nii.gz")
+        assert g_label.matches(g_pred) == [] and seg.shape == g_label.shape

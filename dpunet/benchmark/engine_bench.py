@@ -25,7 +25,6 @@ import contextlib
 import copy
 import datetime
 import gc
-import math
 import os
 import platform
 import re
