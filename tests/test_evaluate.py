@@ -14,7 +14,6 @@ from medpy.metric import binary as medpy_binary
 
 from dpunet.dataset.io import Geometry, write_segmentation
 from dpunet.evaluation.cross_validation import (
-    PRIVACY_KEYS,
     format_epsilon,
     main as cv_main,
     run_folder_name,

@@ -389,7 +389,14 @@ def results_table(measurements: Sequence[Measurement], preset: str, dims: dict[s
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"CPU {model} ({os.cpu_count()} cores; torch threads: {torch.get_num_threads()})"
 
 
 def load_average() -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dpunet.utils.errors import DpunetError
-from dpunet.utils.files import load_json
+from dpunet.utils.files import read_json_file
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,7 @@ def load_task(folder: str | Path) -> TaskInfo:
     """Parse `folder/dataset.json`; paths are resolved, label keys become ints."""
     folder = Path(folder)
     path = folder / "dataset.json"
-    if not path.is_file():
-        raise DpunetError(f"{path}: dataset.json not found")
-    try:
-        d = load_json(path)
-    except ValueError as e:
-        raise DpunetError(f"{path}: not valid JSON ({e})") from None
+    d = read_json_file(path, "dataset.json")
     for key in ("modality", "labels", "training"):
         if key not in d:
             raise DpunetError(f"{path}: required key '{key}' is missing")

@@ -20,7 +20,7 @@ from dpunet.dataset.msd import case_id_from_path
 from dpunet.evaluation.evaluate import aggregate_metrics
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
 from dpunet.utils.errors import DpunetError, cli_entry
-from dpunet.utils.files import load_json, write_json, write_text
+from dpunet.utils.files import read_json_file, write_json, write_text
 
 #: privacy_report.json keys copied into the summary (top-level keys of the report)
 PRIVACY_KEYS = ("epsilon_prv", "epsilon_rdp", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm")
@@ -55,18 +55,11 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
     return mean, sd, int(arr.size)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return load_json(path)
-    except ValueError as e:
-        raise DpunetError(f"{path}: not valid JSON ({e})") from None
-
-
 def _read_privacy(report_path: Path, fold: int, notes: list[str]) -> Optional[dict[str, Any]]:
     if not report_path.is_file():
         notes.append(f"fold {fold}: {report_path.name} not found, its privacy parameters are not shown")
         return None
-    report = _read_json(report_path)
+    report = read_json_file(report_path, "privacy report")
     if not isinstance(report, dict):
         raise DpunetError(f"{report_path}: expected a JSON object")
     from dpunet.privacy.report import key_figures
@@ -115,7 +108,7 @@ def summarize_cross_validation(
     fold_of_case: dict[str, int] = {}
     privacy: dict[str, Optional[dict[str, Any]]] = {}
     for f, path in summary_paths.items():
-        fold_summary = _read_json(path)
+        fold_summary = read_json_file(path, "fold summary")
         if not isinstance(fold_summary, dict) or "metric_per_case" not in fold_summary:
             raise DpunetError(f"{path}: not an evaluation summary (no 'metric_per_case')")
         fold_settings = fold_summary.get("settings")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from pathlib import Path
 
 from dpunet.dataset.msd import TaskInfo, load_task
 from dpunet.fingerprint.extract import extract_fingerprint, write_fingerprint

@@ -25,7 +25,7 @@ from dpunet.dataset.msd import load_task
 from dpunet.privacy.accounting import (CROSS_CHECK_ACCOUNTANT, PRIMARY_ACCOUNTANT, epsilon_for_history,
                                        epsilon_for_repeated_training)
 from dpunet.utils.errors import DpunetError
-from dpunet.utils.files import load_json, write_json, write_text
+from dpunet.utils.files import read_json_file, write_json, write_text
 
 NOTE_VERSION = 1
 ACCOUNTANTS = (PRIMARY_ACCOUNTANT, CROSS_CHECK_ACCOUNTANT)
@@ -74,12 +74,7 @@ def read_model_privacy(fold: str, report_path: str | Path) -> ModelPrivacy:
     """Read a fold's privacy_report.json (the trainer's report, or a flat one with top-level
     noise_multiplier, sample_rate, steps, delta, epsilon_prv, epsilon_rdp, clip_norm)."""
     report_path = Path(report_path)
-    if not report_path.is_file():
-        raise DpunetError(f"{report_path} not found: the privacy of fold {fold}'s model is unknown")
-    try:
-        report = load_json(report_path)
-    except ValueError as e:
-        raise DpunetError(f"{report_path}: not valid JSON ({e})") from None
+    report = read_json_file(report_path, f"privacy report (the privacy of fold {fold}'s model is unknown)")
     if not isinstance(report, dict):
         raise DpunetError(f"{report_path}: expected a JSON object")
     try:

@@ -2,7 +2,6 @@
 normalisation, resampling, memory-model batch, augmentation and the DP block."""
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np

@@ -13,7 +13,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -23,7 +22,7 @@ from dpunet.dataset.msd import TaskInfo, load_task
 from dpunet.evaluation.cross_validation import run_folder_name
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
 from dpunet.planning.splits import fold_cases
-from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, epsilon_spent
+from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier
 from dpunet.privacy.dp_step import assign_gradients, noisy_average_gradient
 from dpunet.privacy.engines.base import PatientBatch
 from dpunet.privacy.engines.registry import make_engine

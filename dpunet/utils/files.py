@@ -55,6 +55,19 @@ def load_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def read_json_file(path: str | os.PathLike, what: str = "file") -> Any:
+    """load_json for user-supplied files: a missing or malformed file is a DpunetError naming it."""
+    from dpunet.utils.errors import DpunetError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DpunetError(f"{path}: {what} not found")
+    try:
+        return load_json(path)
+    except ValueError as e:
+        raise DpunetError(f"{path}: not valid JSON ({e})") from None
+
+
 def write_text(text: str, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)

@@ -53,7 +53,7 @@ from dpunet.privacy.engines.base import (
     finalize_per_patient,
 )
 from dpunet.privacy.engines.fast_cost import GHOST_POLICIES, LayerPlan, choose_weight_strategy
-from dpunet.privacy.engines.fast_layers import ConvRule, LayerRule, rule_for
+from dpunet.privacy.engines.fast_layers import ConvRule, LayerRule, ReparamConvRule, rule_for
 from dpunet.utils.errors import DpunetError
 
 MODES = ("auto", "layerwise", "loop")
@@ -69,6 +69,7 @@ class _Layer:
     param_indices: list[int]  # their positions in engine.params / engine.summed_grad
     weight_shared: bool  # a parameter also belongs to another module (ghost norms need a single use)
     fallback: str = "fallback_vmap"  # how the generic path runs; switches to "fallback_loop" if vmap fails
+    rule_checked: bool | None = None  # for rules that must verify a module first (ReparamConvRule)
 
 
 @dataclass
@@ -244,10 +245,20 @@ class FastGradientEngine(GradientEngine):
                 self._deferred_norms.add(idx)
             self._per_patient[idx] = self._per_patient[idx] + g if idx in self._per_patient else g
 
+    def _rule(self, call: _Call) -> LayerRule | None:
+        layer = call.layer
+        rule = rule_for(layer.module)
+        if isinstance(rule, ReparamConvRule):
+            if layer.rule_checked is None:
+                layer.rule_checked = rule.verify(layer.module, call.activation)
+            if not layer.rule_checked:
+                return None
+        return rule
+
     def _on_output_grad(self, call: _Call, grad: Tensor) -> None:
         call.grad = grad
         layer = call.layer
-        rule = rule_for(layer.module)
+        rule = self._rule(call)
         single_use = not layer.weight_shared and self._use_counts[id(layer)] == 1
         plan = self._plan(call, rule, single_use)
         self._used_plans.append(plan)

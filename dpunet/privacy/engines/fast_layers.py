@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 conv_backward = torch.ops.aten.convolution_backward
 
@@ -352,12 +353,78 @@ class GroupNormRule(LayerRule):
         return out
 
 
+class _ConvForwardReached(Exception):
+    """Stops a forward at its `_conv_forward` call once the effective weight is known."""
+
+
+class ReparamConvRule(ConvRule):
+    """Subclasses of Conv{1,2,3}d whose forward computes `self._conv_forward(input, w', b')` once, with w'
+    (and b') functions of the module's parameters, e.g. weight-standardised convs (w' = (w - mean) / std).
+
+    Per-patient gradients with respect to w' come from the conv rule (same kernels, same timing choices);
+    the chain rule to the parameters is one batched vjp of the weight-sized map w -> w' (B cotangents at
+    once), far cheaper than re-running the convolution per patient as the generic fallback would.
+    `verify` checks the assumption once per module by running a forward on one patch."""
+
+    def ghost_capable(self, module: nn.Module) -> bool:
+        return False
+
+    @staticmethod
+    def effective_parameters(module: nn.Module, params: dict[str, Tensor], x: Tensor,
+                             run_through: bool = False) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+        """(input, weight, bias) of each `_conv_forward` call of `module.forward(x)` with `params`."""
+        calls: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        conv_forward = type(module)._conv_forward
+
+        def intercept(inp: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+            calls.append((inp, weight, bias))
+            if not run_through:
+                raise _ConvForwardReached
+            return conv_forward(module, inp, weight, bias)
+
+        module._conv_forward = intercept  # an instance attribute shadows the method
+        try:
+            functional_call(module, params, (x,))
+        except _ConvForwardReached:
+            pass
+        finally:
+            del module._conv_forward
+        return calls
+
+    def verify(self, module: nn.Module, a: Tensor) -> bool:
+        """True when the forward calls `_conv_forward` exactly once, on its own input, with a weight of the
+        parameter's shape."""
+        x = a[:1].detach()
+        params = {n: p.detach() for n, p in module.named_parameters(recurse=False)}
+        with torch.no_grad():
+            calls = self.effective_parameters(module, params, x, run_through=True)
+        return len(calls) == 1 and calls[0][0] is x and calls[0][1].shape == module.weight.shape
+
+    def per_patient(self, module, a, g, num_patients, names, method=None):
+        leaves = {n: getattr(module, n).detach().requires_grad_(True) for n in names}
+        with torch.enable_grad():
+            (_, weight, bias), = self.effective_parameters(module, leaves, a[:1].detach())
+        effective = super().per_patient(module, a, g, num_patients, ["weight", "bias"] if bias is not None
+                                        else ["weight"])
+        outputs = [weight] + ([bias] if bias is not None else [])
+        cotangents = [effective["weight"].to(weight.dtype)] + (
+            [effective["bias"].to(bias.dtype)] if bias is not None else [])
+        used = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+        inputs = list(leaves.values())
+        grads = torch.autograd.grad([o for o, _ in used], inputs, [c for _, c in used], allow_unused=True,
+                                    is_grads_batched=True)
+        return {n: (torch.zeros((num_patients, *leaf.shape), dtype=torch.float32, device=leaf.device)
+                    if gr is None else gr.float()) for (n, leaf), gr in zip(leaves.items(), grads)}
+
+
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The exact-type rule for a module, or None (subclasses may change forward, e.g. weight
-    standardisation, and go to the generic fallback)."""
+    """The rule for a module, or None: exact layer types, and conv subclasses that reparametrise their
+    weight (`ReparamConvRule`); anything else goes to the engine's generic fallback."""
     kind = type(module)
     if kind in CONV_TYPES or kind in TRANSPOSED_CONV_TYPES:
         return _CONV
+    if isinstance(module, CONV_TYPES) and callable(getattr(kind, "_conv_forward", None)):
+        return _REPARAM_CONV
     if kind is nn.Linear:
         return _LINEAR
     if kind is nn.GroupNorm and module.affine:
@@ -368,5 +435,6 @@ def rule_for(module: nn.Module) -> LayerRule | None:
 
 
 _CONV = ConvRule()
+_REPARAM_CONV = ReparamConvRule()
 _LINEAR = LinearRule()
 _GROUP_NORM = GroupNormRule()
