@@ -446,8 +446,9 @@ Book-keeping per-sample clipping (Bu et al. 2023) with the patient as the unit:
    groups = B and the K patches as its batch, or a variant of it (channels-last copy, a loop over patients,
    or a matmul of unfolded patches for small 2D layers; 3D activations are never unfolded);
    GroupNorm/InstanceNorm through torch's fused GroupNorm backward on a (1, B*K*C) view, Linear and biases
-   in closed form; any other module with parameters (e.g. weight-standardised convs) by torch.func vmap of
-   its own vjp over patients.
+   in closed form; weight-standardised convs as convs of their effective weight plus the chain rule through
+   the standardisation per patient; any other module with parameters by torch.func vmap of its own vjp
+   over patients.
 3. A per-layer cost model (`fast_cost.py`, Bu et al.'s mixed ghost clipping) allows the ghost norm where
    2(K T)^2 < p (T output positions, p weights) and its buffers are smaller than the per-patient gradients:
    the deep, low-resolution stages. There only the per-patient norm is computed, from two Gram matrices

@@ -16,8 +16,10 @@ rules in `fast_layers`:
   and output gradient are kept and a second weight-gradient op with per-patient-scaled output gradients
   gives its clipped sum;
 - GroupNorm / InstanceNorm (affine), Linear, biases: closed-form per-patient sums;
-- any other module owning trainable parameters (e.g. weight-standardised convs): torch.func vmap over
-  patients of the module's own vjp, or a per-patient loop when vmap cannot run it.
+- conv subclasses that reparametrise their weight (weight-standardised convs): the conv rule for the
+  effective weight, then the chain rule through the weight-sized reparametrisation per patient;
+- any other module owning trainable parameters: torch.func vmap over patients of the module's own vjp, or
+  a per-patient loop when vmap cannot run it.
 
 Where a layer has several implementations (and the ghost norm is allowed), the first micro-batch of each
 shape times them and keeps the fastest, like cudnn.benchmark; `describe()` records the choice and timings.
@@ -216,18 +218,18 @@ class FastGradientEngine(GradientEngine):
         params = sum(int(torch.Size(s).numel()) for s in shapes.values())
         weight_params = int(torch.Size(shapes["weight"]).numel()) if "weight" in shapes else 0
         b, k = self._num_patients, self._patches
+        ghost_bytes = None
         if rule is None:
-            strategy, ghost_bytes, reason = layer.fallback, None, "no layer rule for this module type"
+            strategy, reason = layer.fallback, "no layer rule for this module type"
             positions = 0
         else:
             positions = rule.positions(layer.module, a, g)
             if "weight" in shapes:
-                out_features = int(shapes["weight"][0])
-                strategy, ghost_bytes, reason = choose_weight_strategy(
-                    self.ghost_policy, rule.ghost_capable(layer.module), single_use, weight_params, out_features,
-                    positions, b, k)
+                ghost_bytes = rule.ghost_bytes(layer.module, a, g, b)
+                strategy, reason = choose_weight_strategy(self.ghost_policy, ghost_bytes, single_use, weight_params,
+                                                          positions, b, k)
             else:
-                strategy, ghost_bytes, reason = "instantiate", None, "no weight"
+                strategy, reason = "instantiate", "no weight"
         plan = LayerPlan(layer.name, type(layer.module).__name__, strategy, params, weight_params, positions,
                          b, k, 4 * b * params, ghost_bytes, reason)
         self._plans[key] = plan
@@ -405,7 +407,7 @@ class FastGradientEngine(GradientEngine):
         data, targets = batch.flat()
         self._num_patients, self._patches, self._device = b, k, data.device
         try:
-            with self._weights_frozen():
+            with self._weights_frozen(), torch.enable_grad():  # also when called under no_grad
                 self._capturing = True
                 try:
                     outputs = self.model(data.detach())
@@ -473,8 +475,9 @@ class FastGradientEngine(GradientEngine):
         norms, losses = [], []
         for i in range(batch.num_patients):
             data, targets = batch.patient(i)
-            loss = self.loss_fn(self.model(data.detach()), targets).mean()
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            with torch.enable_grad():
+                loss = self.loss_fn(self.model(data.detach()), targets).mean()
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
                                                          for g in grads if g is not None]))
             factor, finite, _, _ = finalize_per_patient(norm.reshape(1), self.clip_norm)
