@@ -272,10 +272,14 @@ def test_opacus_engine_refuses_batchnorm():
 def test_registry_names_and_auto():
     model = make_model(2)
     assert isinstance(make_engine("auto", model, per_patch_loss, None), NonPrivateEngine)
-    assert isinstance(make_engine("auto", model, per_patch_loss, 1.0), FunctorchEngine)
+    from dpunet.privacy.engines.fast import FastGradientEngine
+
+    default = make_engine("auto", model, per_patch_loss, 1.0)
+    assert isinstance(default, FastGradientEngine)
+    default.close()
     assert isinstance(make_engine("reference_loop", model, per_patch_loss, 1.0), ReferenceLoopEngine)
     chosen = make_engine("auto", model, per_patch_loss, 1.0, benchmark_batch=make_batch(2, seed=8))
-    assert isinstance(chosen, (FunctorchEngine, OpacusHooksEngine))
+    assert isinstance(chosen, (FastGradientEngine, FunctorchEngine, OpacusHooksEngine))
     chosen.close()
     with pytest.raises(DpunetError, match="unknown gradient engine"):
         make_engine("no_such_engine", model, per_patch_loss, 1.0)

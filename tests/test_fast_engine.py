@@ -41,8 +41,8 @@ class LearnedScale(nn.Module):
 
 class CoverageNet(nn.Module):
     """Every layer kind the engine has a rule for, and the awkward cases: grouped, dilated, reflect-padded
-    and 'same'-padded convs, max pooling, transposed conv, GroupNorm, InstanceNorm(affine), Linear on the
-    channel axis, a fallback module, a conv called twice, and two outputs (deep supervision)."""
+    and 'same'-padded convs, max pooling, a grouped transposed conv, GroupNorm, InstanceNorm(affine), Linear
+    on the channel axis, a fallback module, a conv called twice, and two outputs (deep supervision)."""
 
     def __init__(self, dim: int, cin: int = 2) -> None:
         super().__init__()
@@ -88,7 +88,8 @@ def make_batch(b: int, k: int, cin: int, spatial: tuple[int, ...], levels: list[
     gen = torch.Generator().manual_seed(seed)
     data = torch.randn(b, k, cin, *spatial, generator=gen, dtype=dtype)
     seg = torch.randint(0, NCLS, (b, k, 1, *spatial), generator=gen)
-    targets = [seg[(Ellipsis,) + tuple(slice(None, None, f) for f in [s] * len(spatial))] for s in levels]
+    # deep-supervision targets: the label map taken every s-th voxel per axis
+    targets = [seg[(Ellipsis,) + tuple(slice(None, None, s) for _ in spatial)] for s in levels]
     return PatientBatch(data, targets)
 
 
@@ -126,6 +127,7 @@ def run_both(model: nn.Module, loss_fn, batch: PatientBatch, clip, **fast_kwargs
     (3, 1, SMALL_C, "always", "layerwise"),
     (4, 3, SMALL_C, "auto", "layerwise"),
     (3, 3, 1e6, "auto", "auto"),
+    (2, 1, 0.05, "memory", "layerwise"),
     (2, 3, SMALL_C, "auto", "loop"),
 ])
 def test_every_layer_rule_equals_reference(dim, b, k, clip, ghost, mode):

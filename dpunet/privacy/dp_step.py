@@ -51,10 +51,10 @@ def noisy_average_gradient(
         std = float(noise_multiplier) * float(clip_norm)
     out = []
     for g in summed_grad:
-        g32 = g.detach().to(torch.float32)
+        g32 = g.detach().to(torch.float32, copy=True)  # a new tensor: the engine's sums stay untouched
         if std > 0:
-            g32 = g32 + _noise_like(g32, std, generator)
-        out.append(g32 / float(expected_batch_size))
+            g32.add_(_noise_like(g32, std, generator))
+        out.append(g32.div_(float(expected_batch_size)))
     return out
 
 

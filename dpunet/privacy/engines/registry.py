@@ -29,9 +29,9 @@ logger = logging.getLogger(__name__)
 _ENGINES: dict[str, type[GradientEngine]] = {}
 
 # candidates "auto" benchmarks when it is given a batch to measure on
-AUTO_CANDIDATES: tuple[str, ...] = ("functorch", "opacus_hooks")
-# what "auto" uses for private training without a measurement
-AUTO_DEFAULT = "functorch"
+AUTO_CANDIDATES: tuple[str, ...] = ("fast", "functorch", "opacus_hooks")
+# what "auto" uses for private training without a measurement (fastest in documentation/performance.md)
+AUTO_DEFAULT = "fast"
 
 
 def register_engine(name: str, cls: type[GradientEngine], overwrite: bool = False) -> None:
@@ -143,3 +143,6 @@ for _name, _cls in (
     ("nonprivate", NonPrivateEngine),
 ):
     register_engine(_name, _cls)
+
+# the fast engine registers itself when its module is imported; import it so "auto" and the listings see it
+importlib.import_module(f"{__package__}.fast")
