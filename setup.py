@@ -37,6 +37,7 @@ setup(
             "dpunet_cv_summary=dpunet.evaluation.cross_validation:main",
             "dpunet_demo=dpunet.demo:main",
             "dpunet_bench_engine=dpunet.benchmark.engine_bench:main",
+            "dpunet_bench_loader=dpunet.benchmark.loader_bench:main",
         ]
     },
 )

@@ -144,3 +144,12 @@ def test_unknown_fold_and_configuration_are_clear_errors(env):
         proc = subprocess.run([sys.executable, "-m", "dpunet.training.cli", *args], env=_env(env),
                               capture_output=True, text=True)
         assert proc.returncode != 0 and text in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_loader_benchmark_compares_delivery_with_consumption(env, capsys):
+    from dpunet.benchmark import loader_bench
+
+    assert loader_bench.main.__wrapped__(["-t", "990", "--patients", "2", "--workers", "0", "--steps", "1",
+                                          "--engine", "functorch"]) == 0
+    out = capsys.readouterr().out
+    assert "consumes" in out and "0 worker(s), delivers" in out
