@@ -410,7 +410,10 @@ class DPTrainer:
             caveats.append("checkpoint selected on private validation data: not covered by the guarantee")
         touches_covered = ["gradients of every training patient (DP-SGD, this report)"]
         touches_not = ["image header metadata (spacing, shape, origin, direction): declared public",
-                       "per-image normalisation uses only each patient's own pixels (part of that patient's input)"]
+                       "per-image normalisation uses only each patient's own pixels (part of that patient's input)",
+                       "validation metrics (validation/summary.json) are computed without DP on the fold's held-out "
+                       "patients, who are not in the training set: they describe those patients, not the model's "
+                       "training data"]
         if fp.get("epsilon"):
             touches_covered.append(f"DP intensity statistics for normalisation (epsilon {fp['epsilon']})")
         return build_privacy_report(
