@@ -99,7 +99,7 @@ def _configuration(name: str, spacing: list[float], median_shape: list[float], t
     anisotropic = dim == 3 and max(spacing) / min(spacing) > ANISOTROPY_THRESHOLD
     k = dp_block["patches_per_patient"]
     return {
-        "data_identifier": name if name != "2d" else "2d",
+        "data_identifier": name,
         "dim": dim,
         "spacing": spacing,
         "median_shape": median_shape,

@@ -15,7 +15,7 @@ import torch
 from dpunet.planning.cli import parse_epsilon
 from dpunet.training import distributed
 from dpunet.training.config import merge_plan_and_options
-from dpunet.training.trainer import DPTrainer, load_training_inputs
+from dpunet.training.trainer import DPTrainer, load_plans, load_training_inputs
 from dpunet.utils.errors import DpunetError, cli_entry
 
 
@@ -100,14 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _default_configuration(task: str) -> str:
-    from dpunet.paths import preprocessed_root, raw_root, resolve_task
-    from dpunet.utils.files import load_json
-
-    name = resolve_task(task, preprocessed_root(), raw_root())
-    path = preprocessed_root() / name / "dpunet_plans.json"
-    if not path.is_file():
-        raise DpunetError(f"{path} not found: run dpunet_plan_and_preprocess -t {task} first")
-    planned = load_json(path)["configurations"]
+    planned = load_plans(task)[1]["configurations"]
     return "3d_fullres" if "3d_fullres" in planned else next(iter(planned))
 
 

@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 import dpunet
 from dpunet.architectures import apply_preset, build_network, validate_for_dp
-from dpunet.dataset.msd import TaskInfo, load_task
+from dpunet.dataset.msd import TaskInfo
 from dpunet.evaluation.cross_validation import run_folder_name
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
+from dpunet.planning.cli import load_preprocessed_task
 from dpunet.planning.splits import fold_cases
 from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier
 from dpunet.privacy.dp_step import assign_gradients, noisy_average_gradient
@@ -45,21 +46,23 @@ def run_directory(cfg: TrainingConfig) -> Path:
     return results_root() / cfg.task / run_folder_name(cfg.arch, cfg.configuration, cfg.epsilon) / f"fold_{cfg.fold}"
 
 
-def load_training_inputs(task_arg: str, configuration: str) -> tuple[str, dict[str, Any], dict[str, Any], list, TaskInfo]:
-    """(task name, plans, configuration entry, splits, raw task) with clear errors for anything missing."""
+def load_plans(task_arg: str) -> tuple[str, dict[str, Any]]:
+    """(task name, dpunet_plans.json) with a clear error when planning has not been run."""
     task_name = resolve_task(task_arg, preprocessed_root(), raw_root())
-    pre = preprocessed_root() / task_name
-    plans_path = pre / "dpunet_plans.json"
+    plans_path = preprocessed_root() / task_name / "dpunet_plans.json"
     if not plans_path.is_file():
         raise DpunetError(f"{plans_path} not found: run dpunet_plan_and_preprocess -t {task_arg} first")
-    plans = load_json(plans_path)
+    return task_name, load_json(plans_path)
+
+
+def load_training_inputs(task_arg: str, configuration: str) -> tuple[str, dict[str, Any], dict[str, Any], list, TaskInfo]:
+    """(task name, plans, configuration entry, splits, raw task) with clear errors for anything missing."""
+    task_name, plans = load_plans(task_arg)
     if configuration not in plans["configurations"]:
         raise DpunetError(f"configuration '{configuration}' is not planned for {task_name} "
                           f"(planned: {', '.join(plans['configurations'])})")
-    splits = load_json(pre / "splits_final.json")
-    raw_folder = raw_root() / task_name
-    task = load_task(raw_folder if (raw_folder / "dataset.json").is_file() else pre)
-    return task_name, plans, plans["configurations"][configuration], splits, task
+    splits = load_json(preprocessed_root() / task_name / "splits_final.json")
+    return task_name, plans, plans["configurations"][configuration], splits, load_preprocessed_task(task_name)
 
 
 class DPTrainer:
