@@ -19,6 +19,7 @@ from dpunet.architectures import (
     apply_preset,
     build_network,
     count_parameters,
+    select_trainable,
     validate_for_dp,
 )
 from dpunet.architectures.building_blocks import NearestUpsample, WSConv2d, clipped_num_groups
@@ -310,3 +311,23 @@ def test_network_and_loss_learn_a_synthetic_segmentation():
     dice = 2 * ((pred == 1) & (y_val[:, 0] == 1)).sum().item() / ((pred == 1).sum().item() + y_val.sum().item())
     assert after < 0.4 * before
     assert dice > 0.7
+
+
+@pytest.mark.parametrize("preset", ["unet", "unet_ws", "resenc_scalenorm", "unet_nearest"])
+def test_bias_norm_head_subset_trains_biases_norms_and_heads_only(preset):
+    model = small_net(preset, 2)
+    trained = select_trainable(model, "bias_norm_head")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            is_norm = "norm" in type(module).__name__.lower()
+            expected = pname == "bias" or is_norm or name.startswith("decoder.heads.")
+            assert (full in names) == expected, full
+    assert any(n.startswith("decoder.heads.") and n.endswith("weight") for n in names)
+    assert trained < 0.2 * sum(p.numel() for p in model.parameters())
+    assert select_trainable(model, "all") == sum(p.numel() for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown trainable subset"):
+        select_trainable(model, "everything")

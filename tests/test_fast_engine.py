@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpunet.architectures import ARCHITECTURE_PRESETS, apply_preset, build_network
+from dpunet.architectures import ARCHITECTURE_PRESETS, apply_preset, build_network, select_trainable
 from dpunet.privacy.engines.base import PatientBatch
 from dpunet.privacy.engines.fast import FastGradientEngine
 from dpunet.privacy.engines.fast_cost import choose_weight_strategy
@@ -265,6 +265,26 @@ def test_unet_presets_equal_reference(preset, dim):
     assert_same_sums(fast, ref, fs, rs)
     # every layer of every preset has a rule (weight-standardised convs: the reparametrised-conv rule)
     assert not any(row["strategy"].startswith("fallback") for row in fast.describe()["layers"])
+
+
+@pytest.mark.parametrize("preset,dim", [("unet", 3), ("unet_ws", 2), ("resenc_scalenorm", 2), ("unet_in", 3)])
+def test_trained_subset_equals_reference(preset, dim):
+    """Frozen conv weights (--trainable bias_norm_head): the engine still back-propagates through them and
+    clips only the trained parameters' gradient, exactly as the per-patient loop does."""
+    model, loss_fn, batch = unet_case(preset, dim, 3, 2)
+    trained_count = select_trainable(model, "bias_norm_head")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert 0 < trained_count == sum(p.numel() for p in trained) < sum(p.numel() for p in model.parameters())
+    for clip in (SMALL_C, None):
+        fast, ref, fs, rs = run_both(model, loss_fn, batch, clip, mode="layerwise")
+        assert len(fast.summed_grad) == len(ref.summed_grad) == len(trained)
+        scale = max(float(g.abs().max()) for g in ref.summed_grad)
+        for a, b in zip(fast.summed_grad, ref.summed_grad):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=RTOL * scale)
+        torch.testing.assert_close(fs.grad_norms, rs.grad_norms.float(), rtol=RTOL, atol=0)
+        assert fs.num_clipped == rs.num_clipped == (3 if clip else 0)
+    trained_ids = {id(p) for p in trained}
+    assert all(p.requires_grad == (id(p) in trained_ids) for p in model.parameters())  # flags restored
 
 
 class ConvAppliedTwice(nn.Conv2d):

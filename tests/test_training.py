@@ -98,6 +98,21 @@ def test_2d_configuration_trains(env, tmp_path):
     assert (trainer.output_dir / "checkpoint_final.pt").is_file()
 
 
+def test_trained_subset_leaves_frozen_weights_at_their_seeded_values(env, tmp_path):
+    trainer = make_trainer(tmp_path, configuration="2d", steps=2, trainable="bias_norm_head", engine="fast")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    after = trainer.model.state_dict()
+    frozen = [n for n, p in trainer.model.named_parameters() if not p.requires_grad]
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert frozen and trained
+    assert all(torch.equal(after[n], before[n]) for n in frozen)
+    assert any(not torch.equal(after[n], before[n]) for n in trained)
+    report = json.loads((trainer.output_dir / "privacy_report.json").read_text())
+    assert report["extra"]["trainable_subset"] == "bias_norm_head"
+    assert report["extra"]["trained_parameters"] == sum(trainer.model.get_parameter(n).numel() for n in trained)
+
+
 def _comparable(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in ("extra",)}
 

@@ -5,6 +5,7 @@
 """
 from dpunet.architectures.presets import ARCHITECTURE_PRESETS, BASELINE_AXES, apply_preset
 from dpunet.architectures.registry import NETWORK_CLASSES, build_network, count_parameters, validate_for_dp
+from dpunet.architectures.trainable import TRAINABLE_SUBSETS, select_trainable
 from dpunet.architectures.unet import PlainConvUNet, ResidualEncoderUNet, UNetBase, UNetConfig, output_shapes
 
 __all__ = [
@@ -13,9 +14,11 @@ __all__ = [
     "NETWORK_CLASSES",
     "PlainConvUNet",
     "ResidualEncoderUNet",
+    "TRAINABLE_SUBSETS",
     "UNetBase",
     "UNetConfig",
     "apply_preset",
+    "select_trainable",
     "build_network",
     "count_parameters",
     "output_shapes",

@@ -12,6 +12,7 @@ import json
 
 import torch
 
+from dpunet.architectures import TRAINABLE_SUBSETS
 from dpunet.planning.cli import parse_epsilon
 from dpunet.training import distributed
 from dpunet.training.config import merge_plan_and_options
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=None, help="target delta (plan default 1e-5)")
     p.add_argument("--arch", default="unet", help="architecture preset (dpunet.architectures.ARCHITECTURE_PRESETS)")
     p.add_argument("--width", type=float, default=None, help="width multiplier of the planned features")
+    p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
+                   help="parameters DP-SGD updates; the rest keep their seeded initialisation (all)")
     p.add_argument("--steps", type=int, default=None, help="DP-SGD steps T (plan default)")
     p.add_argument("--patients-per-step", type=int, default=None, help="expected patients per step q*N")
     p.add_argument("--patches-per-patient", type=int, default=None, help="patches K per patient, averaged")

@@ -19,6 +19,7 @@ class TrainingConfig:
     fold: str
     arch: str = "unet"
     width: float = 1.0
+    trainable: str = "all"
     epsilon: float = 8.0
     delta: float = 1e-5
     steps: int = 500
@@ -84,7 +85,7 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
         "oversample_foreground": plan_config.get("oversample_foreground_fraction", 0.33),
     }
     for key in ("optimizer", "learning_rate", "momentum", "weight_decay", "lr_schedule", "warmup_steps",
-                "ema_decay", "evaluate_ema", "deep_supervision", "dice_weight", "ce_weight"):
+                "ema_decay", "evaluate_ema", "deep_supervision", "dice_weight", "ce_weight", "trainable"):
         if key in train:
             values[key] = train[key]
     values.update({k: v for k, v in options.items() if v is not None})

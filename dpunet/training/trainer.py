@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import dpunet
-from dpunet.architectures import apply_preset, build_network, validate_for_dp
+from dpunet.architectures import apply_preset, build_network, select_trainable, validate_for_dp
 from dpunet.dataset.msd import TaskInfo
 from dpunet.evaluation.cross_validation import run_folder_name
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
@@ -118,6 +118,7 @@ class DPTrainer:
         problems = validate_for_dp(self.model) if cfg.private else []
         if problems:
             raise DpunetError("the network is not fit for DP-SGD:\n  " + "\n  ".join(problems))
+        self.num_trained_parameters = select_trainable(self.model, cfg.trainable)
         self.model.to(self.device)
         n_out = self.arch["kwargs"]["n_stages"] - 1 if cfg.deep_supervision else 1
         # natural images (CamVid) have no background class: every class enters the Dice term
@@ -307,6 +308,8 @@ class DPTrainer:
         if distributed.is_main_process():
             write_json({"training_config": cfg.to_dict(), "privacy_parameters": self.privacy_parameters(),
                         "architecture": self.arch, "engine": self.engine_description(),
+                        "parameters": {"total": sum(p.numel() for p in self.model.parameters()),
+                                       "trained": self.num_trained_parameters, "subset": cfg.trainable},
                         "world_size": distributed.world_size()},
                        self.output_dir / "run_config.json")
         if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, extra_steps=cfg.steps - self.step,
@@ -437,6 +440,7 @@ class DPTrainer:
             caveats=caveats,
             extra={"task": self.task_name, "configuration": cfg.configuration, "fold": cfg.fold,
                    "num_cases": len(self.train_cases), "engine": self.engine.name,
+                   "trained_parameters": self.num_trained_parameters, "trainable_subset": cfg.trainable,
                    "model_for_inference": "EMA of the weights at the final step" if cfg.evaluate_ema
                    else "weights at the final step"},
         )
