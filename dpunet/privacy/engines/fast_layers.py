@@ -256,7 +256,6 @@ class ConvRule(LayerRule):
         without unfolding: the Gram of the padded input's pixels, (B, K*T_pad, K*T_pad), summed over the
         kernel offsets as strided shifts. Cheaper than the unfolded Gram by about prod(kernel) * T / T_pad."""
         a, args = self.geometry(module, a, g)
-        dim = a.dim() - 2
         pad_pairs = []
         for p in reversed(args["padding"]):
             pad_pairs += [p, p]
