@@ -6,7 +6,12 @@ import torch
 from scipy import stats
 from torch import nn
 
-from dpunet.privacy.dp_step import assign_gradients, noise_std_on_mean_gradient, noisy_average_gradient
+from dpunet.privacy.dp_step import (
+    assign_gradients,
+    noise_norm_on_mean_gradient,
+    noise_std_on_mean_gradient,
+    noisy_average_gradient,
+)
 from dpunet.utils.errors import DpunetError
 
 
@@ -108,3 +113,16 @@ def test_assign_gradients_sets_grad_in_param_dtype():
 def test_noise_std_on_mean_gradient_matches_design_brief():
     # N=41, q=0.25: sigma 2.676 (eps 8, RDP) -> 0.26 C on the mean gradient
     assert noise_std_on_mean_gradient(2.676, 0.25 * 41) == pytest.approx(0.26, abs=0.005)
+
+
+def test_noise_norm_on_mean_gradient_is_the_norm_of_the_drawn_noise():
+    """sigma sqrt(d) / (qN) predicts the norm of the noise the step really adds (d = 40,000 trained params)."""
+    sigma, expected, shapes = 3.0, 50.0, [(100, 200), (20000,)]
+    zero_sums = [torch.zeros(s) for s in shapes]
+    generator = torch.Generator().manual_seed(0)
+    noisy = noisy_average_gradient(zero_sums, sigma, 1.0, expected, generator)
+    drawn = float(torch.cat([g.flatten() for g in noisy]).norm())
+    predicted = noise_norm_on_mean_gradient(sigma, expected, 40000)
+    assert predicted == pytest.approx(3.0 * 200 / 50)
+    assert drawn == pytest.approx(predicted, rel=0.02)
+    assert noise_norm_on_mean_gradient(sigma, expected, 0) == 0.0

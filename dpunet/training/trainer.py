@@ -24,7 +24,7 @@ from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
 from dpunet.planning.cli import load_preprocessed_task
 from dpunet.planning.splits import fold_cases
 from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier
-from dpunet.privacy.dp_step import assign_gradients, noisy_average_gradient
+from dpunet.privacy.dp_step import assign_gradients, noise_norm_on_mean_gradient, noisy_average_gradient
 from dpunet.privacy.engines.base import PatientBatch
 from dpunet.privacy.engines.registry import make_engine
 from dpunet.privacy.report import build_privacy_report, render_privacy_report_markdown
@@ -63,6 +63,9 @@ def load_training_inputs(task_arg: str, configuration: str) -> tuple[str, dict[s
                           f"(planned: {', '.join(plans['configurations'])})")
     splits = load_json(preprocessed_root() / task_name / "splits_final.json")
     return task_name, plans, plans["configurations"][configuration], splits, load_preprocessed_task(task_name)
+
+
+NOISE_NORM_WARNING = 1.0  # in units of C
 
 
 class DPTrainer:
@@ -235,6 +238,11 @@ class DPTrainer:
                 "nonfinite_patients": nonfinite, "learning_rate": lr,
                 "seconds": time.perf_counter() - t0}
 
+    def noise_norm_per_step(self) -> float:
+        """sigma sqrt(d) / (qN): the noise norm on one averaged gradient, against a clipped signal of at most C."""
+        return noise_norm_on_mean_gradient(self.noise_multiplier, self.cfg.patients_per_step,
+                                           self.num_trained_parameters)
+
     def epsilon_now(self, accountant: str = "prv") -> float:
         if not self.cfg.private:
             return math.inf
@@ -309,12 +317,18 @@ class DPTrainer:
             write_json({"training_config": cfg.to_dict(), "privacy_parameters": self.privacy_parameters(),
                         "architecture": self.arch, "engine": self.engine_description(),
                         "parameters": {"total": sum(p.numel() for p in self.model.parameters()),
-                                       "trained": self.num_trained_parameters, "subset": cfg.trainable},
+                                       "trained": self.num_trained_parameters, "subset": cfg.trainable,
+                                       "noise_norm_per_step_in_units_of_C": self.noise_norm_per_step()},
                         "world_size": distributed.world_size()},
                        self.output_dir / "run_config.json")
         if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, extra_steps=cfg.steps - self.step,
                                                     accountant="prv"):
             raise DpunetError(f"{cfg.steps - self.step} more steps would exceed epsilon {cfg.epsilon}; refusing to train")
+        if self.noise_norm_per_step() > NOISE_NORM_WARNING and distributed.is_main_process():
+            tqdm.write(f"warning: the noise on each averaged gradient has norm {self.noise_norm_per_step():.1f} C "
+                       f"(sigma {self.noise_multiplier:.2f} / {cfg.patients_per_step} patients x sqrt of "
+                       f"{self.num_trained_parameters} trained parameters) against a signal of at most C: expect "
+                       f"little learning; train fewer parameters (--trainable, --width), raise epsilon or patients")
         last_save = time.monotonic()
         session_steps = 0
         self._open_loader()
@@ -441,6 +455,7 @@ class DPTrainer:
             extra={"task": self.task_name, "configuration": cfg.configuration, "fold": cfg.fold,
                    "num_cases": len(self.train_cases), "engine": self.engine.name,
                    "trained_parameters": self.num_trained_parameters, "trainable_subset": cfg.trainable,
+                   "noise_norm_per_step_in_units_of_C": self.noise_norm_per_step(),
                    "model_for_inference": "EMA of the weights at the final step" if cfg.evaluate_ema
                    else "weights at the final step"},
         )
