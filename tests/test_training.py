@@ -110,7 +110,10 @@ def test_trained_subset_leaves_frozen_weights_at_their_seeded_values(env, tmp_pa
     assert any(not torch.equal(after[n], before[n]) for n in trained)
     report = json.loads((trainer.output_dir / "privacy_report.json").read_text())
     assert report["extra"]["trainable_subset"] == "bias_norm_head"
-    assert report["extra"]["trained_parameters"] == sum(trainer.model.get_parameter(n).numel() for n in trained)
+    trained_count = sum(trainer.model.get_parameter(n).numel() for n in trained)
+    assert report["extra"]["trained_parameters"] == trained_count
+    assert report["extra"]["noise_norm_per_step_in_units_of_C"] == pytest.approx(
+        trainer.noise_multiplier * math.sqrt(trained_count) / trainer.cfg.patients_per_step)
 
 
 def _comparable(report: dict) -> dict:
