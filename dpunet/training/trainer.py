@@ -65,7 +65,8 @@ def load_training_inputs(task_arg: str, configuration: str) -> tuple[str, dict[s
     return task_name, plans, plans["configurations"][configuration], splits, load_preprocessed_task(task_name)
 
 
-NOISE_NORM_WARNING = 1.0  # in units of C
+# in units of C; De et al.'s CIFAR-10 recipe (sigma 3, batch 4096, 2.7M parameters) runs at about 1.2
+NOISE_NORM_WARNING = 2.0
 
 
 class DPTrainer:
