@@ -79,6 +79,7 @@ def training_defaults(private: bool) -> dict[str, Any]:
         "ema_decay": 0.99,
         "evaluate_ema": True,
         "deep_supervision": True,
+        "trainable": "all",
         "nnunet_nonprivate_defaults_for_comparison": {
             "optimizer": "sgd nesterov momentum 0.99", "learning_rate": 0.01, "lr_schedule": "poly 0.9",
             "iterations": 250000, "batch": "2-7 patches, batch Dice in 2d", "norm": "InstanceNorm",
