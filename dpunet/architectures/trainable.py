@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from dpunet.architectures.registry import count_parameters
+
 NORM_TYPES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
 
 
@@ -32,9 +34,7 @@ def select_trainable(model: nn.Module, subset: str) -> int:
     if subset not in TRAINABLE_SUBSETS:
         raise ValueError(f"unknown trainable subset {subset!r}; choose one of {sorted(TRAINABLE_SUBSETS)}")
     keep = TRAINABLE_SUBSETS[subset]
-    trained = 0
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             param.requires_grad_(keep(module_name, module, param_name))
-            trained += param.numel() if param.requires_grad else 0
-    return trained
+    return count_parameters(model)
