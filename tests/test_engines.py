@@ -319,6 +319,16 @@ def _build_network():
     return build
 
 
+def assert_private_engines_match_reference(model, batch) -> None:
+    """With and without clipping, every private engine's clipped sum equals the per-patient loop's."""
+    for clip_norm in (SMALL_C, HUGE_C):
+        ref, ref_stats = summed("reference_loop", model, batch, clip_norm)
+        for name in PRIVATE_ENGINES:
+            got, stats = summed(name, model, batch, clip_norm)
+            assert_close(got, ref)
+            assert stats.num_clipped == ref_stats.num_clipped
+
+
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("norm", ["GroupNorm", "InstanceNorm"])
 def test_engines_equal_reference_on_unet(dim, norm):
@@ -347,12 +357,7 @@ def test_engines_equal_reference_on_unet(dim, norm):
     torch.manual_seed(0)
     model = build_network(arch, CIN, NCLS, True).double().train()
     batch = make_batch(dim, seed=10, levels=(1,))  # 2 stages: one deep-supervision output
-    for clip_norm in (SMALL_C, HUGE_C):
-        ref, ref_stats = summed("reference_loop", model, batch, clip_norm)
-        for name in PRIVATE_ENGINES:
-            got, stats = summed(name, model, batch, clip_norm)
-            assert_close(got, ref)
-            assert stats.num_clipped == ref_stats.num_clipped
+    assert_private_engines_match_reference(model, batch)
 
 
 def test_engines_equal_reference_on_unet_variants():
@@ -382,9 +387,4 @@ def test_engines_equal_reference_on_unet_variants():
     torch.manual_seed(0)
     model = build_network(arch, CIN, NCLS, True).double().train()
     batch = make_batch(2, seed=11, levels=(1, 2))
-    for clip_norm in (SMALL_C, HUGE_C):
-        ref, ref_stats = summed("reference_loop", model, batch, clip_norm)
-        for name in PRIVATE_ENGINES:
-            got, stats = summed(name, model, batch, clip_norm)
-            assert_close(got, ref)
-            assert stats.num_clipped == ref_stats.num_clipped
+    assert_private_engines_match_reference(model, batch)
