@@ -142,6 +142,9 @@ def test_continue_refuses_changed_privacy_parameters(env, tmp_path):
     changed = make_trainer(tmp_path, clip_norm=0.5)
     with pytest.raises(DpunetError, match="changed privacy parameters"):
         changed.run(resume=True)
+    reshaped = make_trainer(tmp_path, trainable="bias_norm_head")
+    with pytest.raises(DpunetError, match=r"changed model or optimiser \(trainable: all -> bias_norm_head\)"):
+        reshaped.run(resume=True)
     fresh = make_trainer(tmp_path)
     with pytest.raises(DpunetError, match="already holds a run"):
         fresh.run()

@@ -67,6 +67,8 @@ def load_training_inputs(task_arg: str, configuration: str) -> tuple[str, dict[s
 
 # in units of C; De et al.'s CIFAR-10 recipe (sigma 3, batch 4096, 2.7M parameters) runs at about 1.2
 NOISE_NORM_WARNING = 2.0
+# options that shape the weights or the optimiser state a checkpoint holds
+RESUME_FIXED_OPTIONS = ("arch", "width", "trainable", "deep_supervision", "optimizer")
 
 
 class DPTrainer:
@@ -290,6 +292,12 @@ class DPTrainer:
         if changed:
             detail = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
             raise DpunetError(f"--continue with changed privacy parameters ({detail}); start a new run instead")
+        saved_cfg, now_cfg = state.get("config", {}), self.cfg.to_dict()
+        reshaped = {k: (saved_cfg[k], now_cfg[k]) for k in RESUME_FIXED_OPTIONS
+                    if k in saved_cfg and saved_cfg[k] != now_cfg[k]}
+        if reshaped:
+            detail = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in reshaped.items())
+            raise DpunetError(f"--continue with a changed model or optimiser ({detail}); start a new run instead")
         self.model.load_state_dict(state["weights"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
