@@ -20,6 +20,7 @@ class TrainingConfig:
     arch: str = "unet"
     width: float = 1.0
     trainable: str = "all"
+    init_from: str | None = None
     epsilon: float = 8.0
     delta: float = 1e-5
     steps: int = 500

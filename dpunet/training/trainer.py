@@ -35,6 +35,7 @@ from dpunet.training import distributed
 from dpunet.training.dataloading import PatientPatchSampler, PreprocessedCaseStore, iterate_micro_batches
 from dpunet.training.loader_workers import BackgroundPatientLoader
 from dpunet.training.ema import WeightEMA
+from dpunet.training.initialisation import load_initial_weights
 from dpunet.training.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.training.progress import TrainingLog, plot_progress
 from dpunet.training.schedule import lr_factor, make_optimizer
@@ -68,7 +69,7 @@ def load_training_inputs(task_arg: str, configuration: str) -> tuple[str, dict[s
 # in units of C; De et al.'s CIFAR-10 recipe (sigma 3, batch 4096, 2.7M parameters) runs at about 1.2
 NOISE_NORM_WARNING = 2.0
 # options that shape the weights or the optimiser state a checkpoint holds
-RESUME_FIXED_OPTIONS = ("arch", "width", "trainable", "deep_supervision", "optimizer")
+RESUME_FIXED_OPTIONS = ("arch", "width", "trainable", "init_from", "deep_supervision", "optimizer")
 
 
 class DPTrainer:
@@ -124,6 +125,8 @@ class DPTrainer:
         problems = validate_for_dp(self.model) if cfg.private else []
         if problems:
             raise DpunetError("the network is not fit for DP-SGD:\n  " + "\n  ".join(problems))
+        self.initial_weights = load_initial_weights(self.model, cfg.init_from, self.task_name) \
+            if cfg.init_from else None
         self.num_trained_parameters = select_trainable(self.model, cfg.trainable)
         self.model.to(self.device)
         n_out = self.arch["kwargs"]["n_stages"] - 1 if cfg.deep_supervision else 1
@@ -328,6 +331,7 @@ class DPTrainer:
                         "parameters": {"total": sum(p.numel() for p in self.model.parameters()),
                                        "trained": self.num_trained_parameters, "subset": cfg.trainable,
                                        "noise_norm_per_step_in_units_of_C": self.noise_norm_per_step()},
+                        "initial_weights": self.initial_weights,
                         "world_size": distributed.world_size()},
                        self.output_dir / "run_config.json")
         if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, extra_steps=cfg.steps - self.step,
@@ -424,6 +428,14 @@ class DPTrainer:
         self.validation_curve.append((self.step, mean_foreground_dice(summary)))
         return summary
 
+    def public_data(self) -> list[str]:
+        if self.initial_weights is None:
+            return ["none (no pretraining, no public data)"]
+        w = self.initial_weights
+        return [f"initial weights {w['path']} (sha256 {w['sha256'][:16]}...): trained on {w['trained_on']}; "
+                f"{w['tensors_copied']} tensors copied, {len(w['tensors_kept_at_initialisation'])} kept at their "
+                f"seeded initialisation"]
+
     def privacy_report(self) -> dict[str, Any]:
         cfg = self.cfg
         fp = self.plans.get("fingerprint_privacy", {}) or {}
@@ -459,7 +471,7 @@ class DPTrainer:
             data_touches_not_covered=touches_not,
             fingerprint_epsilon=float(fp.get("epsilon", 0.0) or 0.0),
             fingerprint_delta=float(fp.get("delta", 0.0) or 0.0),
-            public_data=["none (no pretraining, no public data)"],
+            public_data=self.public_data(),
             caveats=caveats,
             extra={"task": self.task_name, "configuration": cfg.configuration, "fold": cfg.fold,
                    "num_cases": len(self.train_cases), "engine": self.engine.name,

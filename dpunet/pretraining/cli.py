@@ -1,0 +1,66 @@
+"""dpunet_pretrain TASK [-c 2d|3d_fullres] [--arch NAME] [--width W] [--steps 500] [--batch-size 32] [-o FILE]
+
+Pretrains the task's planned network, non-privately, on images of random processes (no patient data, no
+privacy cost). Then: dpunet_train TASK FOLD --eps 8 --init-from FILE (same -c, --arch and --width).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from dpunet.paths import results_root
+from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_random_images
+from dpunet.training.cli import _default_configuration
+from dpunet.training.trainer import load_training_inputs
+from dpunet.utils.errors import DpunetError, cli_entry
+
+
+def default_output(task_name: str, configuration: str, arch: str, width: float) -> Path:
+    return results_root() / task_name / "pretrained" / f"{arch}__{configuration}__width{width:g}__random_images.pt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpunet_pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = PretrainingConfig()
+    p.add_argument("task", help="task id (4) or name (Task04_Hippocampus)")
+    p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
+    p.add_argument("--arch", default=defaults.arch, help="architecture preset, as for dpunet_train")
+    p.add_argument("--width", type=float, default=defaults.width, help="width multiplier, as for dpunet_train")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="random images per step")
+    p.add_argument("--lr", type=float, default=defaults.learning_rate, dest="learning_rate")
+    p.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="checkpoint path (default $DPUNET_RESULTS/<task>/pretrained/<arch>__<config>__width<w>"
+                        "__random_images.pt)")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        raise DpunetError("--steps and --batch-size must be at least 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    configuration = args.configuration or _default_configuration(args.task)
+    task_name, _, plan_config, _, task = load_training_inputs(args.task, configuration)
+    cfg = PretrainingConfig(arch=args.arch, width=args.width, steps=args.steps, batch_size=args.batch_size,
+                            learning_rate=args.learning_rate, deep_supervision=args.deep_supervision,
+                            seed=args.seed, device=device)
+    output = args.output or default_output(task_name, configuration, args.arch, args.width)
+    summary = pretrain_on_random_images(plan_config, task.num_channels, task.num_classes, cfg, output, task_name)
+    print(f"pretrained {args.steps} steps in {summary['seconds']:.0f} s: loss {summary['loss_first_20_steps']:.3f} "
+          f"-> {summary['loss_last_20_steps']:.3f}")
+    print(f"checkpoint: {output}")
+    print(f"next: dpunet_train {task_name} FOLD -c {configuration} --arch {args.arch} --width {args.width:g} "
+          f"--eps 8 --init-from {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Non-private pretraining of a task's planned network on images of random processes (no patient data).
+
+The network is the one the plan describes (with the same --arch and --width the DP run will use), built for
+the task's channels and classes; the plan is derived from image headers only, so nothing here touches private
+pixels. The checkpoint records what it was trained on, and `dpunet_train --init-from` copies it into the DP
+run and lists it in the privacy report.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dpunet
+from dpunet.architectures import apply_preset, build_network
+from dpunet.pretraining.random_images import random_segmentation_batch
+from dpunet.training.checkpoint import save_checkpoint
+from dpunet.training.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
+from dpunet.training.schedule import lr_factor, make_optimizer
+
+PUBLIC_SOURCE = "images of random processes (dpunet.pretraining.random_images, seed {seed}): no patient data"
+
+
+@dataclass
+class PretrainingConfig:
+    arch: str = "unet"
+    width: float = 1.0
+    steps: int = 500
+    batch_size: int = 32
+    optimizer: str = "adam"
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    deep_supervision: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+
+def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, num_classes: int,
+                              cfg: PretrainingConfig, output: Path, task_name: str) -> dict[str, Any]:
+    """Train the planned network on random-process images for `cfg.steps` steps; write the checkpoint to
+    `output` (atomically) and return a summary (losses at the start and the end)."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    arch = apply_preset(plan_config["architecture"], cfg.arch, cfg.width)
+    model = build_network(arch, num_channels, num_classes, cfg.deep_supervision).to(cfg.device)
+    strides = arch["kwargs"]["strides"]
+    n_out = len(strides) - 1 if cfg.deep_supervision else 1
+    loss_fn = SegmentationLoss(num_classes, None, deep_supervision_weights(n_out))
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate, 0.9, 0.0)
+    patch = plan_config["patch_size"]
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    model.train()
+    for step in tqdm(range(cfg.steps), desc="pretrain on random images", unit="step"):
+        data, seg = random_segmentation_batch(rng, cfg.batch_size, patch, num_channels, num_classes)
+        targets = downsample_seg_for_deep_supervision(torch.from_numpy(seg).long(), strides,
+                                                      None if cfg.deep_supervision else 1)
+        outputs = model(torch.from_numpy(data).to(cfg.device))
+        loss = loss_fn(outputs, [t.to(cfg.device) for t in targets]).mean()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * lr_factor(step, cfg.steps, cfg.warmup_steps, "cosine")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    summary = {"steps": cfg.steps, "seconds": time.perf_counter() - t0,
+               "loss_first_20_steps": float(np.mean(losses[:20])), "loss_last_20_steps": float(np.mean(losses[-20:]))}
+    save_checkpoint({
+        "dpunet_version": dpunet.__version__,
+        "weights": model.state_dict(),
+        "architecture": arch,
+        "num_classes": num_classes,
+        "num_channels": num_channels,
+        "public_source": PUBLIC_SOURCE.format(seed=cfg.seed),
+        "config": {"task": f"random images for {task_name}", "configuration": "pretraining", **asdict(cfg)},
+        "pretraining_summary": summary,
+    }, output)
+    return summary

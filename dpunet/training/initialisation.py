@@ -1,0 +1,77 @@
+"""Initial weights from a public checkpoint: public pretraining, then DP fine-tuning (`--init-from`).
+
+Weights learned without the private training patients cost no privacy, and with few patients they are the
+largest lever DP-SGD has (Tramer & Boneh 2021; Tang et al. 2023 pretrain on images of random processes). The
+guarantee then rests on a declaration: the checkpoint's training data is public. The privacy report lists the
+checkpoint, its hash and what it was trained on, and a checkpoint trained on the same task is refused, because
+its training patients are (or overlap) the private ones and their cost would have to be composed.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpunet.training.checkpoint import load_checkpoint
+from dpunet.utils.errors import DpunetError
+
+# tensors that may differ in shape from the checkpoint (another number of classes): they keep their seeded
+# initialisation
+RESHAPEABLE_PREFIXES = ("decoder.heads.",)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint is meant to be used with: its EMA when the run evaluated the EMA."""
+    if state.get("inference_weights") == "ema" and "ema" in state:
+        return state["ema"]["shadow"]
+    return state["weights"]
+
+
+def describe_source(state: dict[str, Any]) -> str:
+    """What the checkpoint was trained on, from the record it carries."""
+    if state.get("public_source"):
+        return str(state["public_source"])
+    cfg = state.get("config", {})
+    eps = cfg.get("epsilon", "?")
+    return f"a dpunet run on {cfg.get('task', '?')} ({cfg.get('configuration', '?')}, fold {cfg.get('fold', '?')}, " \
+           f"epsilon {eps}), declared public by the user"
+
+
+def load_initial_weights(model: nn.Module, path: str | Path, task_name: str) -> dict[str, Any]:
+    """Copy the checkpoint's weights into `model` (same names and shapes; heads may differ) and return the
+    provenance record the privacy report lists."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    source_task = state.get("config", {}).get("task")
+    if source_task == task_name and not state.get("public_source"):
+        raise DpunetError(f"--init-from {path}: that checkpoint was trained on {task_name} itself, whose patients "
+                          f"are private; its privacy cost would have to be composed with this run's. Use --continue "
+                          f"to resume a run, or initialise from a checkpoint trained on public data")
+    weights = checkpoint_weights(state)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    reshaped = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    bad_shapes = [k for k in reshaped if not k.startswith(RESHAPEABLE_PREFIXES)]
+    not_heads = [k for k in missing + unexpected if not k.startswith(RESHAPEABLE_PREFIXES)]
+    if bad_shapes or not_heads:
+        detail = "; ".join([f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shapes[:3]] +
+                           [f"{k}: only in one of them" for k in not_heads[:3]])
+        raise DpunetError(f"--init-from {path}: the checkpoint's network differs from the planned one "
+                          f"({len(bad_shapes) + len(not_heads)} tensors, e.g. {detail}); pretrain with the same "
+                          f"plan, --arch and --width")
+    copied = {k: v for k, v in weights.items() if k in own and k not in reshaped}
+    model.load_state_dict(copied, strict=False)
+    return {"path": str(path), "sha256": file_sha256(path), "trained_on": describe_source(state),
+            "tensors_copied": len(copied), "tensors_kept_at_initialisation": sorted(set(missing) | set(reshaped))}
