@@ -1,8 +1,10 @@
 """dpunet_demo: the whole pipeline in one command, with no data from the user.
 
 Generates a synthetic 3D MSD task (or, with --hippocampus, uses the real Task04_Hippocampus from ../shared),
-plans, preprocesses, trains fold 0 with epsilon 8 and non-privately through the same code, predicts the test
-images, evaluates the held-out patients and prints Dice for both next to the privacy report."""
+plans, preprocesses, trains fold 0 with epsilon 8 and non-privately through the same code (both start from the
+planned network pretrained on random-process images, which costs no privacy; a third run at epsilon 8 from a
+random initialisation shows what that pretraining brings), predicts the test images, evaluates the held-out
+patients and prints Dice for every run next to the privacy report."""
 from __future__ import annotations
 
 import argparse
@@ -52,42 +54,50 @@ def _plan_and_preprocess(task: str, configuration: str, args: argparse.Namespace
     plan_and_preprocess.main.__wrapped__(argv)
 
 
-def _train(task: str, configuration: str, epsilon: float, args: argparse.Namespace) -> dict[str, Any]:
+def _train(task: str, configuration: str, epsilon: float, args: argparse.Namespace,
+           random_init: bool = False) -> dict[str, Any]:
     from dpunet.training.config import merge_plan_and_options
     from dpunet.training.trainer import DPTrainer, load_training_inputs, run_directory
 
     _, _, plan_config, _, _ = load_training_inputs(task, configuration)
     options = {"task": task, "fold": "0", "epsilon": epsilon, "configuration": configuration,
                "learning_rate": args.lr, "seed": args.seed, "device": args.device,
-               "patients_per_micro_batch": args.patients_per_step}
+               "patients_per_micro_batch": args.patients_per_step,
+               "pretraining_steps": args.pretraining_steps, "init_from": "none" if random_init else None}
     cfg = merge_plan_and_options(plan_config, options)
-    trainer = DPTrainer(cfg)
-    if (run_directory(cfg) / "checkpoint_final.pt").is_file():
+    output_dir = run_directory(cfg)
+    if random_init:  # a run folder of its own, next to the default run (pretrained on random images)
+        output_dir = output_dir.parent.with_name(output_dir.parent.name + "__random_init") / output_dir.name
+    if (output_dir / "checkpoint_final.pt").is_file() or (output_dir / "checkpoint_latest.pt").is_file():
         import shutil
 
-        shutil.rmtree(run_directory(cfg))  # the demo always starts fresh
-    return trainer.run()
+        shutil.rmtree(output_dir)  # the demo always starts fresh
+    return DPTrainer(cfg, output_dir=output_dir).run()
 
 
-def _print_results(results: dict[float, dict[str, Any]], predictions: dict[float, Any], seconds: float) -> None:
+RUN_NAMES = {"dp_random_init": "DP eps 8, random init", "dp": "DP eps 8", "inf": "non-private (eps inf)"}
+
+
+def _print_results(results: dict[str, dict[str, Any]], predictions: dict[float, Any], seconds: float) -> None:
     print("\n================ dpunet demo: fold 0, held-out patients ================")
     labels = next(iter(results.values()))["validation"]["labels"]
     header = f"{'':<22}" + "".join(f"{name:>14}" for name in labels.values()) + f"{'mean':>10}"
     print(header)
-    for eps, result in results.items():
+    for run, result in results.items():
         summary = result["validation"]
-        name = "non-private (eps inf)" if math.isinf(eps) else f"DP eps {eps:g}"
+        name = RUN_NAMES[run]
         dice = [summary["mean"][k]["Dice"] for k in labels]
         print(f"{name:<22}" + "".join(f"{d:>14.3f}" for d in dice) + f"{summary['foreground_mean']['Dice']:>10.3f}")
-    for eps, result in results.items():
-        if math.isinf(eps):
+    for run, result in results.items():
+        if run == "inf":
             continue
         r = result["report"]
-        print(f"\nprivacy (eps {eps:g} run): {r['statement']}")
+        print(f"\nprivacy ({RUN_NAMES[run]}): {r['statement']}")
         print(f"  epsilon PRV {r['epsilon']['prv']:.3f}, RDP {r['epsilon']['rdp']:.3f}, delta {r['delta']:g}; "
               f"N {r['num_patients']} patients, q {r['sample_rate']:.3f}, T {r['steps_taken']}, "
               f"K {r['patches_per_patient']}, sigma {r['noise_multiplier']:.3f}, C {r['clip_norm']:g}")
         print(f"  report: {result['output_dir']}/privacy_report.md")
+        print(f"  public data: {r['public_data_and_priors'][0]}")
     for eps, pred in predictions.items():
         print(f"predictions (eps {eps:g}): {len(pred.written)} NIfTI files in {pred.output_folder}")
     print(f"total time {seconds / 60:.1f} min")
@@ -107,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patches-per-patient", type=int, default=2)
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--lr", type=float, default=None, help="learning rate (plan default)")
+    parser.add_argument("--pretraining-steps", type=int, default=300,
+                        help="steps of pretraining on random-process images (public, no privacy cost)")
+    parser.add_argument("--no-random-init-run", dest="random_init_run", action="store_false",
+                        help="skip the epsilon-8 run from a random initialisation (shown for comparison)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -119,11 +133,14 @@ def main(argv: list[str] | None = None) -> int:
 
     results, predictions = {}, {}
     test_images = raw_root() / resolve_task(task, raw_root()) / "imagesTs"
-    for eps in (8.0, math.inf):
-        results[eps] = _train(task, configuration, eps, args)
-        out = Path(results[eps]["output_dir"]).parent / "predictions_imagesTs"
+    for run, eps in (("dp", 8.0), ("inf", math.inf)):
+        results[run] = _train(task, configuration, eps, args)
+        out = Path(results[run]["output_dir"]).parent / "predictions_imagesTs"
         predictions[eps] = predict_folder(test_images, out, task, configuration, folds=["0"], epsilon=eps,
                                           device=args.device, num_processes=1, progress=False)
+    if args.random_init_run:
+        results["dp_random_init"] = _train(task, configuration, 8.0, args, random_init=True)
+        results = {k: results[k] for k in ("dp_random_init", "dp", "inf")}
     _print_results(results, predictions, time.time() - start)
     return 0
 

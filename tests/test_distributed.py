@@ -31,10 +31,12 @@ SEED = 3
 # GroupNorm network amplifies such 1e-7 differences to ~1e-5 over a few steps).
 CLI_OPTIONS = ["--eps", "8", "-c", "3d_fullres", "--engine", "functorch", "--no-augmentation",
                "--patients-per-micro-batch", "1", "--device", "cpu", "--optimizer", "sgd",
-               "--lr", "0.05", "--lr-schedule", "constant", "--warmup-steps", "0", "--seed", str(SEED)]
+               "--lr", "0.05", "--lr-schedule", "constant", "--warmup-steps", "0", "--seed", str(SEED),
+               "--pretraining-steps", "2"]
 TRAINER_OPTIONS = dict(task="990", fold="0", epsilon=8.0, configuration="3d_fullres", engine="functorch",
                        augmentation=False, patients_per_micro_batch=1, device="cpu", validation=False,
-                       optimizer="sgd", learning_rate=0.05, lr_schedule="constant", warmup_steps=0, seed=SEED)
+                       optimizer="sgd", learning_rate=0.05, lr_schedule="constant", warmup_steps=0, seed=SEED,
+                       pretraining_steps=2)
 
 
 def _env(roots: dict[str, Path]) -> dict[str, str]:
@@ -94,8 +96,11 @@ def _assert_same_training(single_dir: Path, multi_dir: Path, initial: dict[str, 
     assert {k: v for k, v in s_config["training_config"].items() if k not in skip} == \
         {k: v for k, v in m_config["training_config"].items() if k not in skip}
     assert m_config["world_size"] == 2 and s_config["world_size"] == 1
-    # the privacy report carries no timing field: identical, sigma, q, T, epsilons and all
+    # the privacy report carries no timing field: identical, sigma, q, T, epsilons and all; the initial weights
+    # are the same pretraining (same hash) cached under each run's own results folder
+    s_public, m_public = s_report.pop("public_data_and_priors"), m_report.pop("public_data_and_priors")
     assert m_report == s_report
+    assert [p.split("sha256 ")[1] for p in m_public] == [p.split("sha256 ")[1] for p in s_public]
     assert m_state["step"] == s_state["step"] == STEPS
     assert m_state["sampler"] == s_state["sampler"]
     assert torch.equal(m_state["noise_generator"], s_state["noise_generator"])

@@ -10,7 +10,7 @@ import torch
 from dpunet.pretraining.cli import main as pretrain_main
 from dpunet.pretraining.random_images import random_segmentation_batch, random_segmentation_sample
 from dpunet.training.checkpoint import load_checkpoint, save_checkpoint
-from dpunet.training.initialisation import file_sha256
+from dpunet.training.initialisation import weights_sha256
 from dpunet.utils.errors import DpunetError
 from tests.test_training import env, make_trainer, roots  # noqa: F401  (shared synthetic task)
 
@@ -65,7 +65,7 @@ def test_fine_tuning_starts_from_the_public_weights_and_reports_them(env, tmp_pa
     trainer.run()
     report = json.loads((trainer.output_dir / "privacy_report.json").read_text())
     (entry,) = report["public_data_and_priors"]
-    assert file_sha256(tmp_path / "pretrained.pt")[:16] in entry and "random processes" in entry
+    assert weights_sha256(pretrained) in entry and "random processes" in entry
     run_config = json.loads((trainer.output_dir / "run_config.json").read_text())
     assert run_config["initial_weights"]["tensors_kept_at_initialisation"] == []
 
@@ -103,3 +103,27 @@ def test_init_from_a_missing_or_foreign_file_names_it(env, tmp_path):
     torch.save({"weights": {}}, tmp_path / "foreign.pt")
     with pytest.raises(DpunetError, match="foreign.pt: not a dpunet checkpoint"):
         make_trainer(tmp_path, configuration="2d", init_from=str(tmp_path / "foreign.pt"))
+
+
+def test_plan_default_pretrains_once_per_task_and_reuses_the_checkpoint(env, tmp_path):
+    from dpunet.training.trainer import load_training_inputs
+
+    plan_training = load_training_inputs("990", "2d")[2]["training"]
+    assert plan_training["init_from"] == "random_images" and plan_training["pretraining_steps"] > 0
+    first = make_trainer(tmp_path / "a", configuration="2d", init_from="random_images", pretraining_steps=2)
+    cached = first.initial_weights["path"]
+    assert "random_images__steps2__seed0" in cached and first.initial_weights["tensors_kept_at_initialisation"] == []
+    stamp = (tmp_path / cached).stat().st_mtime_ns
+    second = make_trainer(tmp_path / "b", configuration="2d", init_from="random_images", pretraining_steps=2,
+                          fold="1")
+    assert second.initial_weights["path"] == cached and (tmp_path / cached).stat().st_mtime_ns == stamp
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                 second.model.state_dict().values()))
+    assert "random processes" in first.public_data()[0]
+
+
+def test_heads_of_a_network_without_deep_supervision_are_not_mixed_up(env, tmp_path):
+    path = _pretrain(tmp_path)
+    trainer = make_trainer(tmp_path, configuration="2d", init_from=path, deep_supervision=False)
+    kept = trainer.initial_weights["tensors_kept_at_initialisation"]
+    assert kept and all(k.startswith("decoder.heads.") for k in kept)

@@ -49,7 +49,7 @@ def env(roots, monkeypatch):
 def make_trainer(tmp_path: Path, configuration="3d_fullres", **options) -> DPTrainer:
     _, _, plan_config, _, _ = load_training_inputs("990", configuration)
     opts = dict(task="990", fold="0", epsilon=8.0, configuration=configuration, engine="functorch",
-                augmentation=False, patients_per_micro_batch=2, device="cpu", validation=False)
+                augmentation=False, patients_per_micro_batch=2, device="cpu", validation=False, init_from="none")
     opts.update(options)
     return DPTrainer(merge_plan_and_options(plan_config, opts), output_dir=tmp_path / "run")
 
@@ -152,7 +152,8 @@ def test_continue_refuses_changed_privacy_parameters(env, tmp_path):
 
 def test_impossible_budget_exits_before_training(env):
     proc = subprocess.run([sys.executable, "-m", "dpunet.training.cli", "990", "0", "--eps", "0.001",
-                           "--steps", "5000", "--patients-per-step", "6"], env=_env(env), capture_output=True,
+                           "--steps", "5000", "--patients-per-step", "6",
+                           "--init-from", "none"], env=_env(env), capture_output=True,
                           text=True)
     assert proc.returncode != 0
     assert "epsilon" in proc.stderr and "Traceback" not in proc.stderr

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = merge_plan_and_options(plan_config, {
         "task": args.task, "fold": "0", "epsilon": 8.0, "configuration": args.configuration,
         "engine": args.engine, "device": args.device, "patients_per_micro_batch": args.patients,
-        "validation": False})
+        "validation": False, "init_from": "none"})  # the step's cost does not depend on the initial weights
     trainer = DPTrainer(cfg)
     patients = sorted(trainer.patients)[:args.patients]
     consumed = step_throughput(trainer, patients, args.steps)

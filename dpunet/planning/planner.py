@@ -118,7 +118,7 @@ def _configuration(name: str, spacing: list[float], median_shape: list[float], t
         "augmentation": _augmentation(topo.patch_size, anisotropic),
         "mirror_axes": list(range(dim)),
         "dp": dp_block,
-        "training": training_defaults(dp_block["private"]),
+        "training": training_defaults(dp_block["private"], dim),
         "notes": net["notes"],
     }
 

@@ -1,7 +1,9 @@
 """dpunet_pretrain TASK [-c 2d|3d_fullres] [--arch NAME] [--width W] [--steps 500] [--batch-size 32] [-o FILE]
 
 Pretrains the task's planned network, non-privately, on images of random processes (no patient data, no
-privacy cost). Then: dpunet_train TASK FOLD --eps 8 --init-from FILE (same -c, --arch and --width).
+privacy cost). dpunet_train does this itself when the plan says `init_from: random_images` (the default);
+this command makes the checkpoint ahead of time, or with other settings for dpunet_train --init-from FILE
+(same -c, --arch and --width).
 """
 from __future__ import annotations
 
@@ -10,15 +12,10 @@ from pathlib import Path
 
 import torch
 
-from dpunet.paths import results_root
-from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_random_images
+from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_random_images, pretrained_checkpoint_path
 from dpunet.training.cli import _default_configuration
 from dpunet.training.trainer import load_training_inputs
 from dpunet.utils.errors import DpunetError, cli_entry
-
-
-def default_output(task_name: str, configuration: str, arch: str, width: float) -> Path:
-    return results_root() / task_name / "pretrained" / f"{arch}__{configuration}__width{width:g}__random_images.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="checkpoint path (default $DPUNET_RESULTS/<task>/pretrained/<arch>__<config>__width<w>"
-                        "__random_images.pt)")
+                        "__random_images__steps<T>__seed<s>.pt, where dpunet_train looks for it)")
     return p
 
 
@@ -52,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PretrainingConfig(arch=args.arch, width=args.width, steps=args.steps, batch_size=args.batch_size,
                             learning_rate=args.learning_rate, deep_supervision=args.deep_supervision,
                             seed=args.seed, device=device)
-    output = args.output or default_output(task_name, configuration, args.arch, args.width)
+    output = args.output or pretrained_checkpoint_path(task_name, configuration, cfg)
     summary = pretrain_on_random_images(plan_config, task.num_channels, task.num_classes, cfg, output, task_name)
     print(f"pretrained {args.steps} steps in {summary['seconds']:.0f} s: loss {summary['loss_first_20_steps']:.3f} "
           f"-> {summary['loss_last_20_steps']:.3f}")

@@ -18,12 +18,15 @@ from tqdm import tqdm
 
 import dpunet
 from dpunet.architectures import apply_preset, build_network
+from dpunet.paths import results_root
 from dpunet.pretraining.random_images import random_segmentation_batch
 from dpunet.training.checkpoint import save_checkpoint
 from dpunet.training.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.training.schedule import lr_factor, make_optimizer
 
 PUBLIC_SOURCE = "images of random processes (dpunet.pretraining.random_images, seed {seed}): no patient data"
+# the value of --init-from (and of the plan's training.init_from) that asks for this pretraining
+RANDOM_IMAGES = "random_images"
 
 
 @dataclass
@@ -38,6 +41,22 @@ class PretrainingConfig:
     deep_supervision: bool = True
     seed: int = 0
     device: str = "cpu"
+
+
+def pretrained_checkpoint_path(task_name: str, configuration: str, cfg: PretrainingConfig) -> Path:
+    """Where the checkpoint of this pretraining lives: one per (task, configuration, network, steps, seed), so
+    every fold and every epsilon of a task starts from the same public weights."""
+    name = f"{cfg.arch}__{configuration}__width{cfg.width:g}__random_images__steps{cfg.steps}__seed{cfg.seed}.pt"
+    return results_root() / task_name / "pretrained" / name
+
+
+def ensure_pretrained_checkpoint(task_name: str, configuration: str, plan_config: dict[str, Any],
+                                 num_channels: int, num_classes: int, cfg: PretrainingConfig) -> Path:
+    """The cached checkpoint of this pretraining, made first if it does not exist yet."""
+    path = pretrained_checkpoint_path(task_name, configuration, cfg)
+    if not path.is_file():
+        pretrain_on_random_images(plan_config, num_channels, num_classes, cfg, path, task_name)
+    return path
 
 
 def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, num_classes: int,

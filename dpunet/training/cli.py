@@ -32,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, default=None, help="width multiplier of the planned features")
     p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
                    help="parameters DP-SGD updates; the rest keep their seeded initialisation (all)")
-    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
-                   help="initial weights from a checkpoint trained on public data (e.g. dpunet_pretrain); the "
-                        "privacy report lists it")
+    p.add_argument("--init-from", default=None, metavar="random_images|none|CHECKPOINT",
+                   help="initial weights: the planned network pretrained on random-process images (random_images, "
+                        "plan default; made once per task and cached), a random initialisation (none), or a "
+                        "checkpoint trained on public data; the privacy report lists them")
+    p.add_argument("--pretraining-steps", type=int, default=None,
+                   help="steps of that pretraining (plan default 1000)")
     p.add_argument("--steps", type=int, default=None, help="DP-SGD steps T (plan default)")
     p.add_argument("--patients-per-step", type=int, default=None, help="expected patients per step q*N")
     p.add_argument("--patches-per-patient", type=int, default=None, help="patches K per patient, averaged")

@@ -20,7 +20,10 @@ class TrainingConfig:
     arch: str = "unet"
     width: float = 1.0
     trainable: str = "all"
-    init_from: str | None = None
+    init_from: str = "none"
+    pretraining_steps: int = 1000
+    pretraining_batch_size: int = 16
+    pretraining_learning_rate: float = 3e-3
     epsilon: float = 8.0
     delta: float = 1e-5
     steps: int = 500
@@ -86,7 +89,8 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
         "oversample_foreground": plan_config.get("oversample_foreground_fraction", 0.33),
     }
     for key in ("optimizer", "learning_rate", "momentum", "weight_decay", "lr_schedule", "warmup_steps",
-                "ema_decay", "evaluate_ema", "deep_supervision", "dice_weight", "ce_weight", "trainable"):
+                "ema_decay", "evaluate_ema", "deep_supervision", "dice_weight", "ce_weight", "trainable",
+                "init_from", "pretraining_steps", "pretraining_batch_size", "pretraining_learning_rate"):
         if key in train:
             values[key] = train[key]
     values.update({k: v for k, v in options.items() if v is not None})

@@ -23,11 +23,14 @@ from dpunet.utils.errors import DpunetError
 RESHAPEABLE_PREFIXES = ("decoder.heads.",)
 
 
-def file_sha256(path: Path) -> str:
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """A hash of the weights themselves (names, shapes, dtypes, values), not of the file: two checkpoints
+    with the same weights have the same hash whatever else they record (timings, paths)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -71,7 +74,11 @@ def load_initial_weights(model: nn.Module, path: str | Path, task_name: str) -> 
         raise DpunetError(f"--init-from {path}: the checkpoint's network differs from the planned one "
                           f"({len(bad_shapes) + len(not_heads)} tensors, e.g. {detail}); pretrain with the same "
                           f"plan, --arch and --width")
+    heads_own = {k for k in own if k.startswith(RESHAPEABLE_PREFIXES)}
+    heads_saved = {k for k in weights if k.startswith(RESHAPEABLE_PREFIXES)}
+    if heads_own != heads_saved:  # with and without deep supervision, heads.i are different outputs
+        reshaped = sorted(set(reshaped) | (heads_own & heads_saved))
     copied = {k: v for k, v in weights.items() if k in own and k not in reshaped}
     model.load_state_dict(copied, strict=False)
-    return {"path": str(path), "sha256": file_sha256(path), "trained_on": describe_source(state),
+    return {"path": str(path), "weights_sha256": weights_sha256(weights), "trained_on": describe_source(state),
             "tensors_copied": len(copied), "tensors_kept_at_initialisation": sorted(set(missing) | set(reshaped))}

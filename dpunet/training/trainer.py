@@ -29,6 +29,8 @@ from dpunet.privacy.engines.base import PatientBatch
 from dpunet.privacy.engines.registry import make_engine
 from dpunet.privacy.report import build_privacy_report, render_privacy_report_markdown
 from dpunet.privacy.sampling import PoissonPatientSampler
+from dpunet.pretraining.pretrain import (RANDOM_IMAGES, PretrainingConfig, ensure_pretrained_checkpoint,
+                                         pretrained_checkpoint_path)
 from dpunet.training.checkpoint import load_checkpoint, save_checkpoint
 from dpunet.training.config import TrainingConfig
 from dpunet.training import distributed
@@ -69,7 +71,8 @@ def load_training_inputs(task_arg: str, configuration: str) -> tuple[str, dict[s
 # in units of C; De et al.'s CIFAR-10 recipe (sigma 3, batch 4096, 2.7M parameters) runs at about 1.2
 NOISE_NORM_WARNING = 2.0
 # options that shape the weights or the optimiser state a checkpoint holds
-RESUME_FIXED_OPTIONS = ("arch", "width", "trainable", "init_from", "deep_supervision", "optimizer")
+RESUME_FIXED_OPTIONS = ("arch", "width", "trainable", "init_from", "pretraining_steps", "deep_supervision",
+                        "optimizer")
 
 
 class DPTrainer:
@@ -116,8 +119,28 @@ class DPTrainer:
         self.ledger = PrivacyLedger(self.noise_multiplier, self.sample_rate)
         self.sampler = PoissonPatientSampler(sorted(self.patients), self.sample_rate, cfg.seed)
 
+    def _initial_weights_path(self) -> Path | None:
+        """None (random initialisation), the given checkpoint, or the cached random-image pretraining (made by
+        rank 0 first if missing; the others wait for it)."""
+        cfg = self.cfg
+        if cfg.init_from in ("", "none"):
+            return None
+        if cfg.init_from != RANDOM_IMAGES:
+            return Path(cfg.init_from)
+        pretraining = PretrainingConfig(arch=cfg.arch, width=cfg.width, steps=cfg.pretraining_steps,
+                                        batch_size=cfg.pretraining_batch_size,
+                                        learning_rate=cfg.pretraining_learning_rate, seed=cfg.seed, device=cfg.device)
+        path = pretrained_checkpoint_path(self.task_name, cfg.configuration, pretraining)
+        if distributed.is_main_process() and not path.is_file():
+            tqdm.write(f"pretraining on random-process images (no patient data) -> {path}")
+            ensure_pretrained_checkpoint(self.task_name, cfg.configuration, self.plan_config, self.task.num_channels,
+                                         self.task.num_classes, pretraining)
+        distributed.barrier()
+        return path
+
     def _build_model(self) -> None:
         cfg = self.cfg
+        initial_weights = self._initial_weights_path()
         torch.manual_seed(cfg.seed)
         self.arch = apply_preset(self.plan_config["architecture"], cfg.arch, cfg.width)
         self.num_classes = self.task.num_classes
@@ -125,8 +148,8 @@ class DPTrainer:
         problems = validate_for_dp(self.model) if cfg.private else []
         if problems:
             raise DpunetError("the network is not fit for DP-SGD:\n  " + "\n  ".join(problems))
-        self.initial_weights = load_initial_weights(self.model, cfg.init_from, self.task_name) \
-            if cfg.init_from else None
+        self.initial_weights = load_initial_weights(self.model, initial_weights, self.task_name) \
+            if initial_weights else None
         self.num_trained_parameters = select_trainable(self.model, cfg.trainable)
         self.model.to(self.device)
         n_out = self.arch["kwargs"]["n_stages"] - 1 if cfg.deep_supervision else 1
@@ -432,7 +455,7 @@ class DPTrainer:
         if self.initial_weights is None:
             return ["none (no pretraining, no public data)"]
         w = self.initial_weights
-        return [f"initial weights {w['path']} (sha256 {w['sha256'][:16]}...): trained on {w['trained_on']}; "
+        return [f"initial weights {w['path']} (weights sha256 {w['weights_sha256']}): trained on {w['trained_on']}; "
                 f"{w['tensors_copied']} tensors copied, {len(w['tensors_kept_at_initialisation'])} kept at their "
                 f"seeded initialisation"]
 
