@@ -26,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
     p.add_argument("--arch", default=defaults.arch, help="architecture preset, as for dpunet_train")
     p.add_argument("--width", type=float, default=defaults.width, help="width multiplier, as for dpunet_train")
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="random images per step")
-    p.add_argument("--lr", type=float, default=defaults.learning_rate, dest="learning_rate")
+    p.add_argument("--steps", type=int, default=None, help="plan default (training.pretraining_steps)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="random images per step (plan default, training.pretraining_batch_size)")
+    p.add_argument("--lr", type=float, default=None, dest="learning_rate",
+                   help="plan default (training.pretraining_learning_rate)")
     p.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -41,21 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        raise DpunetError("--steps and --batch-size must be at least 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     configuration = args.configuration or _default_configuration(args.task)
     task_name, _, plan_config, _, task = load_training_inputs(args.task, configuration)
-    cfg = PretrainingConfig(arch=args.arch, width=args.width, steps=args.steps, batch_size=args.batch_size,
-                            learning_rate=args.learning_rate, deep_supervision=args.deep_supervision,
-                            seed=args.seed, device=device)
+    plan, fallback = plan_config.get("training", {}), PretrainingConfig()
+    cfg = PretrainingConfig(
+        arch=args.arch, width=args.width,
+        steps=args.steps or plan.get("pretraining_steps", fallback.steps),
+        batch_size=args.batch_size or plan.get("pretraining_batch_size", fallback.batch_size),
+        learning_rate=args.learning_rate or plan.get("pretraining_learning_rate", fallback.learning_rate),
+        deep_supervision=args.deep_supervision, seed=args.seed, device=device)
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise DpunetError("--steps and --batch-size must be at least 1")
     output = args.output or pretrained_checkpoint_path(task_name, configuration, cfg)
     summary = pretrain_on_random_images(plan_config, task.num_channels, task.num_classes, cfg, output, task_name)
-    print(f"pretrained {args.steps} steps in {summary['seconds']:.0f} s: loss {summary['loss_first_20_steps']:.3f} "
+    print(f"pretrained {cfg.steps} steps in {summary['seconds']:.0f} s: loss {summary['loss_first_20_steps']:.3f} "
           f"-> {summary['loss_last_20_steps']:.3f}")
     print(f"checkpoint: {output}")
     print(f"next: dpunet_train {task_name} FOLD -c {configuration} --arch {args.arch} --width {args.width:g} "
-          f"--eps 8 --init-from {output}")
+          f"--eps 8 --init-from {output}" + ("" if args.output else f"  (or --init-from random_images "
+                                                                  f"--pretraining-steps {cfg.steps})"))
     return 0
 
 

@@ -68,7 +68,8 @@ def load_training_inputs(task_arg: str, configuration: str) -> tuple[str, dict[s
     return task_name, plans, plans["configurations"][configuration], splits, load_preprocessed_task(task_name)
 
 
-# in units of C; De et al.'s CIFAR-10 recipe (sigma 3, batch 4096, 2.7M parameters) runs at about 1.2
+# in units of C; De et al.'s CIFAR-10 recipe (sigma 3, batch 4096, 2.7M parameters) runs at about 1.2. Above it,
+# runs from a random initialisation did not learn on hippocampus; fine-tuning pretrained weights did (results.md)
 NOISE_NORM_WARNING = 2.0
 # options that shape the weights or the optimiser state a checkpoint holds
 RESUME_FIXED_OPTIONS = ("arch", "width", "trainable", "init_from", "pretraining_steps", "deep_supervision",
@@ -360,11 +361,13 @@ class DPTrainer:
         if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, extra_steps=cfg.steps - self.step,
                                                     accountant="prv"):
             raise DpunetError(f"{cfg.steps - self.step} more steps would exceed epsilon {cfg.epsilon}; refusing to train")
-        if self.noise_norm_per_step() > NOISE_NORM_WARNING and distributed.is_main_process():
+        if self.noise_norm_per_step() > NOISE_NORM_WARNING and self.initial_weights is None \
+                and distributed.is_main_process():
             tqdm.write(f"warning: the noise on each averaged gradient has norm {self.noise_norm_per_step():.1f} C "
                        f"(sigma {self.noise_multiplier:.2f} / {cfg.patients_per_step} patients x sqrt of "
-                       f"{self.num_trained_parameters} trained parameters) against a signal of at most C: expect "
-                       f"little learning; train fewer parameters (--trainable, --width), raise epsilon or patients")
+                       f"{self.num_trained_parameters} trained parameters) against a signal of at most C: from a "
+                       f"random initialisation expect little learning; start from pretrained weights (--init-from "
+                       f"random_images, the plan default), or train fewer parameters, raise epsilon or patients")
         last_save = time.monotonic()
         session_steps = 0
         self._open_loader()
