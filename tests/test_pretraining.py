@@ -127,3 +127,10 @@ def test_heads_of_a_network_without_deep_supervision_are_not_mixed_up(env, tmp_p
     trainer = make_trainer(tmp_path, configuration="2d", init_from=path, deep_supervision=False)
     kept = trainer.initial_weights["tensors_kept_at_initialisation"]
     assert kept and all(k.startswith("decoder.heads.") for k in kept)
+
+
+def test_large_patches_are_drawn_small_and_resized_exactly():
+    image, labels = random_segmentation_sample(np.random.default_rng(0), (20, 130, 70), channels=1, num_classes=3)
+    assert image.shape == (1, 20, 130, 70) and labels.shape == (1, 20, 130, 70)
+    assert abs(float(image.mean())) < 1e-4 and abs(float(image.std()) - 1) < 1e-3
+    assert set(np.unique(labels)) <= {0, 1, 2} and (labels > 0).any()

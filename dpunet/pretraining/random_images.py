@@ -13,7 +13,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
+
+# samples are drawn at most this large per axis and resized to the patch: generation time stays bounded for
+# large 3D patches (a 128^3 sample at full size costs seconds) and smooth random fields lose nothing by it
+MAX_GENERATION_SIZE = 64
 
 
 def smooth_field(rng: np.random.Generator, shape: Sequence[int], sigma: float) -> np.ndarray:
@@ -46,6 +51,26 @@ def random_segmentation_sample(rng: np.random.Generator, shape: Sequence[int], c
                                num_classes: int, max_objects: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """(image (channels, *shape) float32, z-scored per channel; labels (1, *shape) int16 in 0..num_classes-1)."""
     shape = tuple(int(n) for n in shape)
+    scale = MAX_GENERATION_SIZE / max(shape)
+    if scale >= 1:
+        return _sample(rng, shape, channels, num_classes, max_objects)
+    image, labels = _sample(rng, tuple(max(4, round(n * scale)) for n in shape), channels, num_classes, max_objects)
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    image = torch.nn.functional.interpolate(torch.from_numpy(image)[None], size=shape, mode=mode,
+                                            align_corners=False)[0].numpy()
+    labels = torch.nn.functional.interpolate(torch.from_numpy(labels.astype(np.float32))[None], size=shape,
+                                             mode="nearest")[0].numpy().astype(np.int16)
+    return _standardise(image), labels
+
+
+def _standardise(image: np.ndarray) -> np.ndarray:
+    axes = tuple(range(1, image.ndim))
+    return ((image - image.mean(axis=axes, keepdims=True)) /
+            np.maximum(image.std(axis=axes, keepdims=True), 1e-6)).astype(np.float32)
+
+
+def _sample(rng: np.random.Generator, shape: tuple[int, ...], channels: int, num_classes: int,
+            max_objects: int) -> tuple[np.ndarray, np.ndarray]:
     labels = np.zeros(shape, dtype=np.int16)
     scene = smooth_field(rng, shape, rng.uniform(2.0, max(2.5, 0.3 * min(shape)))) * rng.uniform(0.2, 0.8)
     base_contrast = rng.uniform(0.6, 1.5)
@@ -63,9 +88,8 @@ def random_segmentation_sample(rng: np.random.Generator, shape: Sequence[int], c
         for soft, contrast in contrasts:
             texture = 0.2 * smooth_field(rng, shape, rng.uniform(1.0, 3.0))
             channel = channel * (1 - soft) + soft * (contrast + texture)
-        channel = channel * bias + rng.uniform(0.02, 0.15) * rng.standard_normal(shape).astype(np.float32)
-        image[c] = (channel - channel.mean()) / max(float(channel.std()), 1e-6)
-    return image, labels[None]
+        image[c] = channel * bias + rng.uniform(0.02, 0.15) * rng.standard_normal(shape).astype(np.float32)
+    return _standardise(image), labels[None]
 
 
 def random_segmentation_batch(rng: np.random.Generator, batch: int, shape: Sequence[int], channels: int,
