@@ -59,8 +59,8 @@ def _train(task: str, configuration: str, epsilon: float, args: argparse.Namespa
     from dpunet.training.config import merge_plan_and_options
     from dpunet.training.trainer import DPTrainer, load_training_inputs, run_directory
 
-    _, _, plan_config, _, _ = load_training_inputs(task, configuration)
-    options = {"task": task, "fold": "0", "epsilon": epsilon, "configuration": configuration,
+    task_name, _, plan_config, _, _ = load_training_inputs(task, configuration)
+    options = {"task": task_name, "fold": "0", "epsilon": epsilon, "configuration": configuration,
                "learning_rate": args.lr, "seed": args.seed, "device": args.device,
                "patients_per_micro_batch": args.patients_per_step,
                "pretraining_steps": args.pretraining_steps, "init_from": "none" if random_init else None}
