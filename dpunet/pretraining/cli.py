@@ -1,4 +1,4 @@
-"""dpunet_pretrain TASK [-c 2d|3d_fullres] [--arch NAME] [--width W] [--steps 500] [--batch-size 32] [-o FILE]
+"""dpunet_pretrain TASK [-c 2d|3d_fullres] [--arch NAME] [--width W] [--steps T] [--batch-size B] [-o FILE]
 
 Pretrains the task's planned network, non-privately, on images of random processes (no patient data, no
 privacy cost). dpunet_train does this itself when the plan says `init_from: random_images` (the default);
