@@ -493,10 +493,12 @@ def test_benchmark_cli_writes_the_performance_page(tmp_path, capsys, monkeypatch
                  "GPU figures are still to be measured", "Targets (dpunet fast, K=1)"):
         assert must in text, must
     assert "| dpunet fast |" in printed
-    # a later GPU run keeps the CPU section and replaces the placeholder
+    # a later GPU run keeps the CPU section, replaces the placeholder and keeps hand-written text after them
+    out.write_text(out.read_text() + "\n## Loader\n\nhand-written figures\n")
     engine_bench.write_performance_doc(out, "gpu", "GPU TABLE")
     sections = engine_bench.existing_sections(out.read_text())
     assert sections["gpu"] == "GPU TABLE" and "| dpunet fast |" in sections["cpu"]
+    assert out.read_text().endswith("## Loader\n\nhand-written figures\n")
 
 
 def test_benchmark_table_ratios_and_verdicts():

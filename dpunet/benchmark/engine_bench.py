@@ -510,15 +510,28 @@ def existing_sections(text: str) -> dict[str, str]:
     return found
 
 
+def text_after_sections(text: str) -> str:
+    """What follows the last result section (hand-written sections such as the loader measurements): kept."""
+    last = max(text.rfind(_marker(p, True)) for p in SECTION_TITLES)
+    if last < 0:
+        return ""
+    return text[text.index("-->", last) + 3:].lstrip("\n")
+
+
 def write_performance_doc(path: Path, preset: str, section: str) -> None:
-    """Rewrite `path` atomically: the header, this preset's new section, other presets' earlier sections."""
-    old = existing_sections(path.read_text()) if path.exists() else {}
+    """Rewrite `path` atomically: the header, this preset's new section, other presets' earlier sections, and
+    whatever followed the last section."""
+    text = path.read_text() if path.exists() else ""
+    old = existing_sections(text)
     old[preset] = section
     parts = [DOC_HEADER]
     for p, title in SECTION_TITLES.items():
         body = old.get(p, GPU_PENDING if p == "gpu" else "Not measured yet: run `dpunet_bench_engine --device cpu "
                        "--preset cpu --output documentation/performance.md`.")
         parts.append(f"## {title}\n\n{_marker(p, False)}\n{body}\n{_marker(p, True)}\n")
+    tail = text_after_sections(text)
+    if tail:
+        parts.append(tail.rstrip("\n") + "\n")
     write_text("\n".join(parts), path)
 
 
