@@ -31,9 +31,10 @@ RANDOM_IMAGES = "random_images"
 
 @dataclass
 class PretrainingConfig:
+    """Defaults for plans made before pretraining existed; the plan's training block overrides them."""
     arch: str = "unet"
     width: float = 1.0
-    steps: int = 500
+    steps: int = 1500
     batch_size: int = 32
     optimizer: str = "adam"
     learning_rate: float = 3e-3

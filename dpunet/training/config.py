@@ -21,8 +21,8 @@ class TrainingConfig:
     width: float = 1.0
     trainable: str = "all"
     init_from: str = "none"
-    pretraining_steps: int = 1000
-    pretraining_batch_size: int = 16
+    pretraining_steps: int = 1500
+    pretraining_batch_size: int = 32
     pretraining_learning_rate: float = 3e-3
     epsilon: float = 8.0
     delta: float = 1e-5
