@@ -51,15 +51,6 @@ def pretrained_checkpoint_path(task_name: str, configuration: str, cfg: Pretrain
     return results_root() / task_name / "pretrained" / name
 
 
-def ensure_pretrained_checkpoint(task_name: str, configuration: str, plan_config: dict[str, Any],
-                                 num_channels: int, num_classes: int, cfg: PretrainingConfig) -> Path:
-    """The cached checkpoint of this pretraining, made first if it does not exist yet."""
-    path = pretrained_checkpoint_path(task_name, configuration, cfg)
-    if not path.is_file():
-        pretrain_on_random_images(plan_config, num_channels, num_classes, cfg, path, task_name)
-    return path
-
-
 def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, num_classes: int,
                               cfg: PretrainingConfig, output: Path, task_name: str) -> dict[str, Any]:
     """Train the planned network on random-process images for `cfg.steps` steps; write the checkpoint to

@@ -97,4 +97,3 @@ def random_segmentation_batch(rng: np.random.Generator, batch: int, shape: Seque
     """`batch` independent samples stacked: ((B, channels, *shape), (B, 1, *shape))."""
     pairs = [random_segmentation_sample(rng, shape, channels, num_classes) for _ in range(batch)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-

@@ -80,5 +80,6 @@ def noise_std_on_mean_gradient(noise_multiplier: float, expected_batch_size: flo
 def noise_norm_on_mean_gradient(noise_multiplier: float, expected_batch_size: float, trained_parameters: int) -> float:
     """Expected norm of the noise on the averaged gradient, in units of C: sigma * sqrt(d) / (qN) for d trained
     parameters. The clipped signal is at most C: large-scale DP-SGD successes run near 1 (De et al. 2022 on
-    CIFAR-10: about 1.2); on the real hippocampus data training made no progress at 15 (documentation/results.md)."""
+    CIFAR-10: about 1.2); on the real hippocampus data, training from a random initialisation made no progress above
+    about 2, while fine-tuning pretrained weights learned at 12-31 (documentation/results.md)."""
     return noise_std_on_mean_gradient(noise_multiplier, expected_batch_size) * math.sqrt(max(0, int(trained_parameters)))

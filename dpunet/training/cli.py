@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "plan default; made once per task and cached), a random initialisation (none), or a "
                         "checkpoint trained on public data; the privacy report lists them")
     p.add_argument("--pretraining-steps", type=int, default=None,
-                   help="steps of that pretraining (plan default 1000)")
+                   help="steps of that pretraining (plan default: 1500 in 2D, 600 in 3D)")
     p.add_argument("--steps", type=int, default=None, help="DP-SGD steps T (plan default)")
     p.add_argument("--patients-per-step", type=int, default=None, help="expected patients per step q*N")
     p.add_argument("--patches-per-patient", type=int, default=None, help="patches K per patient, averaged")

@@ -5,8 +5,11 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from dpunet.pretraining.pretrain import PretrainingConfig
 from dpunet.utils.errors import DpunetError
 
+# fallbacks for plans made before pretraining existed: the same as dpunet_pretrain's
+PRETRAINING_DEFAULTS = PretrainingConfig()
 # fields whose change would alter the privacy guarantee: `--continue` refuses to resume if any differs
 PRIVACY_FIELDS = ("epsilon", "delta", "steps", "patients_per_step", "patches_per_patient", "clip_norm",
                   "fold", "configuration", "task", "seed")
@@ -21,9 +24,9 @@ class TrainingConfig:
     width: float = 1.0
     trainable: str = "all"
     init_from: str = "none"
-    pretraining_steps: int = 1500
-    pretraining_batch_size: int = 32
-    pretraining_learning_rate: float = 3e-3
+    pretraining_steps: int = PRETRAINING_DEFAULTS.steps
+    pretraining_batch_size: int = PRETRAINING_DEFAULTS.batch_size
+    pretraining_learning_rate: float = PRETRAINING_DEFAULTS.learning_rate
     epsilon: float = 8.0
     delta: float = 1e-5
     steps: int = 500

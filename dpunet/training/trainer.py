@@ -29,7 +29,7 @@ from dpunet.privacy.engines.base import PatientBatch
 from dpunet.privacy.engines.registry import make_engine
 from dpunet.privacy.report import build_privacy_report, render_privacy_report_markdown
 from dpunet.privacy.sampling import PoissonPatientSampler
-from dpunet.pretraining.pretrain import (RANDOM_IMAGES, PretrainingConfig, ensure_pretrained_checkpoint,
+from dpunet.pretraining.pretrain import (RANDOM_IMAGES, PretrainingConfig, pretrain_on_random_images,
                                          pretrained_checkpoint_path)
 from dpunet.training.checkpoint import load_checkpoint, save_checkpoint
 from dpunet.training.config import TrainingConfig
@@ -134,8 +134,8 @@ class DPTrainer:
         path = pretrained_checkpoint_path(self.task_name, cfg.configuration, pretraining)
         if distributed.is_main_process() and not path.is_file():
             tqdm.write(f"pretraining on random-process images (no patient data) -> {path}")
-            ensure_pretrained_checkpoint(self.task_name, cfg.configuration, self.plan_config, self.task.num_channels,
-                                         self.task.num_classes, pretraining)
+            pretrain_on_random_images(self.plan_config, self.task.num_channels, self.task.num_classes, pretraining,
+                                      path, self.task_name)
         distributed.barrier()
         return path
 
