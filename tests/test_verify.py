@@ -13,7 +13,7 @@ import pytest
 
 from dataset_conversion.generate_synthetic import generate_synthetic_task
 from dpunet.dataset.io import read_image, read_label, write_image, write_segmentation
-from dpunet.dataset.verify import find_problems, verify_task
+from dpunet.dataset.verify import check_task, find_problems, verify_task
 from dpunet.utils.errors import DpunetError
 from tests.conftest import REPO, shared_path
 
@@ -193,3 +193,32 @@ def test_non_integer_ignore_label_is_a_problem(task):
     path = _edit_json(task, lambda d: d.update(ignore_label="void"))
     (problem,) = find_problems(task)
     assert str(path) in problem and "ignore_label" in problem
+
+
+def _zero_size_image(path: Path) -> None:
+    """A NIfTI whose last axis has size 0 (SimpleITK reads it as one slice of zeros)."""
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 0), np.float32), np.eye(4)), str(path))
+
+
+def test_zero_size_dimension_is_a_problem(task):
+    img, test_img = _case(task, 0), _case(task, NUM_CASES, "imagesTs")
+    _zero_size_image(img)
+    _zero_size_image(test_img)
+    problems = find_problems(task)
+    for path in (img, test_img):
+        assert any(str(path) in p and "size 0" in p for p in problems), problems
+
+
+def test_declared_label_in_no_label_file_is_a_warning(task):
+    _edit_json(task, lambda d: d["labels"].update({"3": "tumour"}))
+    assert find_problems(task) == []
+    result = check_task(task)
+    (warning,) = result.warnings
+    assert "3 (tumour)" in warning and "no label file" in warning
+    cli = _cli("7", task.parent)
+    assert cli.returncode == 0 and "dpunet warning:" in cli.stderr and "3 (tumour)" in cli.stderr
+    assert check_task(task.parent / task.name).warnings == [warning]
+    _edit_json(task, lambda d: d["labels"].pop("3"))
+    assert check_task(task).warnings == []

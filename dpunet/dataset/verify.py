@@ -6,16 +6,20 @@ DpunetError listing them. Checked:
 - dpunet's label rules: label values 0..L-1 without gaps, an `ignore_label` (if any) that is the largest;
 - every listed image and label file: present and readable;
 - images: number of channels equal to the `modality` entries, finite intensities, complete (not truncated)
-  data (read independently with nibabel: SimpleITK hides both truncation and NaN in NIfTI);
+  data, no dimension of size 0 (read independently with nibabel: SimpleITK hides truncation and NaN in NIfTI
+  and reads a zero-size dimension as size 1);
 - labels: same shape and geometry (spacing, origin, direction within a tolerance) as their image, only
   values declared in `labels`;
 - test images: present, readable, right number of channels, finite.
-Cases are read in parallel (a process pool) when num_processes > 1.
+Warnings (printed by `verify_task`, not refused): a label declared in dataset.json that no label file holds.
+Cases are read in parallel (a process pool) when num_processes > 1. `check_test_image` is also what
+dpunet_predict runs on every input.
 """
 from __future__ import annotations
 
 import json
 import multiprocessing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +28,7 @@ import numpy as np
 
 from dpunet.dataset.io import Geometry, read_image, read_label
 from dpunet.dataset.msd import TaskInfo, load_task
-from dpunet.utils.errors import DpunetError
+from dpunet.utils.errors import DpunetError, warn
 
 REQUIRED_KEYS = ("modality", "labels", "training")
 DEFAULT_GEOMETRY_TOLERANCE = 1e-4  # relative (absolute below 1): NIfTI stores geometry as float32
@@ -47,7 +51,10 @@ def stored_data_problems(path: Path) -> tuple[bool, list[str]]:
     if not path.name.endswith((".nii", ".nii.gz")):
         return False, []
     try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
+        stored = nib.load(str(path))
+        if 0 in stored.shape:  # SimpleITK would read that dimension as size 1 (all zeros)
+            return True, [f"{path}: image has a dimension of size 0 (stored shape {list(stored.shape)})"]
+        data = np.asanyarray(stored.dataobj)
     except Exception as e:  # nibabel signals corruption with many types (EOFError, zlib.error, ImageFileError...)
         return True, [f"{path}: cannot read image data, file corrupt or truncated ({type(e).__name__}: {e})"]
     return True, _non_finite_problem(path, data)
@@ -72,13 +79,20 @@ def check_training_case(
     image: Path, label: Optional[Path], num_channels: int, label_values: list[int], tolerance: float
 ) -> list[str]:
     """Problems of one training case (image + label)."""
+    return _training_case_check(image, label, num_channels, label_values, tolerance)[0]
+
+
+def _training_case_check(
+    image: Path, label: Optional[Path], num_channels: int, label_values: list[int], tolerance: float
+) -> tuple[list[str], set[int]]:
+    """(problems, label values present in the label file) of one training case."""
     geometry, problems = _read_image_problems(image, num_channels)
     if label is None:
-        return problems + [f"{image}: training case has no label file in dataset.json"]
+        return problems + [f"{image}: training case has no label file in dataset.json"], set()
     try:
         seg, label_geometry = read_label(label)
     except DpunetError as e:
-        return problems + [str(e)]
+        return problems + [str(e)], set()
     problems += stored_data_problems(label)[1]
     present = {int(v) for v in np.unique(seg)}
     undeclared = sorted(present - set(label_values))
@@ -95,16 +109,17 @@ def check_training_case(
         diffs = [d for d in label_geometry.matches(geometry, tolerance) if not d.startswith("shape")]
         if diffs:
             problems.append(f"{label}: geometry differs from image {image.name}: " + "; ".join(diffs))
-    return problems
+    return problems, present
 
 
 def check_test_image(image: Path, num_channels: int) -> list[str]:
+    """Problems of an image without label: readable, complete, finite, no empty dimension, `num_channels`."""
     return _read_image_problems(image, num_channels)[1]
 
 
-def _run_check(job: tuple) -> list[str]:
+def _run_check(job: tuple) -> tuple[list[str], set[int]]:
     kind, args = job
-    return check_training_case(*args) if kind == "train" else check_test_image(*args)
+    return _training_case_check(*args) if kind == "train" else (check_test_image(*args), set())
 
 
 def _dataset_json_problems(folder: Path) -> tuple[Optional[TaskInfo], list[str]]:
@@ -165,14 +180,31 @@ def _dataset_json_problems(folder: Path) -> tuple[Optional[TaskInfo], list[str]]
     return task, problems
 
 
-def find_problems(
+@dataclass
+class TaskCheck:
+    """What the integrity check found: problems (the task is refused) and warnings (it is not)."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _unused_label_warnings(task: TaskInfo, present: set[int]) -> list[str]:
+    unused = [v for v in task.label_values if v not in present]
+    if not unused:
+        return []
+    names = ", ".join(f"{v} ({task.labels[v]})" for v in unused)
+    return [f"{task.folder / 'dataset.json'}: label(s) {names} declared in 'labels' occur in no label file: the "
+            f"network will learn nothing for them (a wrong dataset.json or missing annotations?)"]
+
+
+def check_task(
     task_folder: Path, num_processes: int = 1, geometry_tolerance: float = DEFAULT_GEOMETRY_TOLERANCE
-) -> list[str]:
-    """Every problem found in the raw task at `task_folder` (empty list: the task is fine)."""
+) -> TaskCheck:
+    """Every problem and warning found in the raw task at `task_folder`."""
     folder = Path(task_folder)
     task, problems = _dataset_json_problems(folder)
     if task is None:
-        return problems
+        return TaskCheck(problems)
     label_values = task.label_values
     jobs = [
         ("train", (c.image, c.label, task.num_channels, label_values, geometry_tolerance)) for c in task.training
@@ -185,17 +217,30 @@ def find_problems(
             results = pool.map(_run_check, jobs, chunksize=max(1, len(jobs) // (4 * num_processes)))
     else:
         results = [_run_check(job) for job in jobs]
-    for case_problems in results:
+    present: set[int] = set()
+    for case_problems, case_labels in results:
         problems.extend(case_problems)
-    return problems
+        present |= case_labels
+    return TaskCheck(problems, _unused_label_warnings(task, present))
+
+
+def find_problems(
+    task_folder: Path, num_processes: int = 1, geometry_tolerance: float = DEFAULT_GEOMETRY_TOLERANCE
+) -> list[str]:
+    """Every problem found in the raw task at `task_folder` (empty list: the task is fine)."""
+    return check_task(task_folder, num_processes, geometry_tolerance).problems
 
 
 def verify_task(
     task_folder: Path, num_processes: int = 1, geometry_tolerance: float = DEFAULT_GEOMETRY_TOLERANCE
-) -> None:
-    """Raise a DpunetError listing every problem of the task, one per line; return None if there is none."""
-    problems = find_problems(task_folder, num_processes, geometry_tolerance)
-    if problems:
+) -> list[str]:
+    """Raise a DpunetError listing every problem of the task, one per line; otherwise print the warnings
+    (to stderr) and return them."""
+    result = check_task(task_folder, num_processes, geometry_tolerance)
+    if result.problems:
         raise DpunetError(
-            f"{len(problems)} problem(s) in {task_folder}:\n" + "\n".join(f"  {p}" for p in problems)
+            f"{len(result.problems)} problem(s) in {task_folder}:\n" + "\n".join(f"  {p}" for p in result.problems)
         )
+    for warning in result.warnings:
+        warn(warning)
+    return result.warnings

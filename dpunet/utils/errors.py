@@ -10,6 +10,11 @@ class DpunetError(Exception):
     """An error caused by the user's input or request; printed without a traceback."""
 
 
+def warn(message: str) -> None:
+    """A one-line `dpunet warning:` on stderr: something the user should know that does not stop the command."""
+    print(f"dpunet warning: {message}", file=sys.stderr)
+
+
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
     """Run a console-script main; DpunetError ends with a one-line message and exit code 2."""
 
