@@ -1,12 +1,11 @@
-"""Poisson sampling of patients: the distribution the accountant assumes, and exact resume."""
+"""Poisson sampling of patients: the distribution the accountant assumes, drawn from secret randomness."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from dpunet.privacy.randomness import PrivateRandomness
 from dpunet.privacy.sampling import PoissonPatientSampler
 from dpunet.utils.errors import DpunetError
 
@@ -16,8 +15,8 @@ N, Q, DRAWS = 41, 0.25, 4000
 @pytest.fixture(scope="module")
 def draws() -> tuple[list[str], list[list[str]]]:
     ids = [f"patient_{i:03d}" for i in range(N)]
-    sampler = PoissonPatientSampler(ids, Q, seed=1234)
-    return ids, [sampler.sample() for _ in range(DRAWS)]
+    sampler = PoissonPatientSampler(ids, Q, PrivateRandomness.secure())
+    return ids, [sampler.sample(t) for t in range(DRAWS)]
 
 
 def test_batch_sizes_follow_binomial(draws):
@@ -55,45 +54,40 @@ def test_each_patient_included_with_probability_q(draws):
 
 
 def test_empty_batches_occur_and_are_valid():
-    sampler = PoissonPatientSampler(["a", "b", "c"], 0.1, seed=0)
-    sizes = [len(sampler.sample()) for _ in range(500)]
+    sampler = PoissonPatientSampler(["a", "b", "c"], 0.1, PrivateRandomness.secure())
+    sizes = [len(sampler.sample(t)) for t in range(500)]
     assert sizes.count(0) > 0  # P(empty) = 0.9^3 = 0.73
     assert sampler.expected_batch_size == pytest.approx(0.3)
 
 
-def test_resume_reproduces_the_sequence():
+def test_draws_come_from_the_session_key_not_from_a_seed():
     ids = [str(i) for i in range(30)]
-    straight = PoissonPatientSampler(ids, 0.2, seed=7)
-    first = [straight.sample() for _ in range(25)]
-    rest = [straight.sample() for _ in range(25)]
+    session = PrivateRandomness.secure()
+    sampler = PoissonPatientSampler(ids, 0.2, session)
+    first = [sampler.sample(t) for t in range(40)]
+    # a step's draw is a function of (key, step): every rank of a distributed run, or a re-draw, agrees
+    assert [PoissonPatientSampler(ids, 0.2, session).sample(t) for t in range(40)] == first
+    # a new session (a new run, or a resumed one) draws anew: nobody can re-draw the batches without the key
+    other = PoissonPatientSampler(ids, 0.2, PrivateRandomness.secure())
+    assert [other.sample(t) for t in range(40)] != first
+    # only the explicitly insecure mode reproduces from a seed
+    seeded = [PoissonPatientSampler(ids, 0.2, PrivateRandomness.insecure_from_seed(7)).sample(t) for t in range(40)]
+    assert seeded == [PoissonPatientSampler(ids, 0.2, PrivateRandomness.insecure_from_seed(7)).sample(t)
+                      for t in range(40)]
+    assert seeded != [PoissonPatientSampler(ids, 0.2, PrivateRandomness.insecure_from_seed(8)).sample(t)
+                      for t in range(40)]
 
-    interrupted = PoissonPatientSampler(ids, 0.2, seed=7)
-    assert [interrupted.sample() for _ in range(25)] == first
-    state = json.loads(json.dumps(interrupted.state_dict()))  # the checkpoint is JSON
-    resumed = PoissonPatientSampler(ids, 0.2, seed=999)  # a different seed: the state must win
-    resumed.load_state_dict(state)
-    assert resumed.num_draws == 25
-    assert [resumed.sample() for _ in range(25)] == rest
-    # and a different seed gives a different sequence (the state really carries the RNG)
-    assert [PoissonPatientSampler(ids, 0.2, seed=999).sample() for _ in range(25)] != first
 
-
-def test_resume_refuses_other_patients_or_rate():
-    sampler = PoissonPatientSampler(["a", "b"], 0.5, seed=0)
-    state = sampler.state_dict()
-    with pytest.raises(DpunetError, match="different list of patients"):
-        PoissonPatientSampler(["a", "c"], 0.5, seed=0).load_state_dict(state)
-    with pytest.raises(DpunetError, match="q="):
-        PoissonPatientSampler(["a", "b"], 0.4, seed=0).load_state_dict(state)
-    with pytest.raises(DpunetError):
-        PoissonPatientSampler(["a", "b"], 0.5, seed=0).load_state_dict({"version": 1})
+def test_sampler_refuses_a_public_seed():
+    with pytest.raises(TypeError, match="PrivateRandomness"):
+        PoissonPatientSampler(["a", "b"], 0.5, 0)
 
 
 @pytest.mark.parametrize("ids,q", [([], 0.5), (["a", "a"], 0.5), (["a"], 0.0), (["a"], 1.5)])
 def test_invalid_arguments(ids, q):
     with pytest.raises(DpunetError):
-        PoissonPatientSampler(ids, q, seed=0)
+        PoissonPatientSampler(ids, q, PrivateRandomness.secure())
 
 
 def test_full_rate_takes_everyone():
-    assert PoissonPatientSampler(["a", "b", "c"], 1.0, seed=3).sample() == ["a", "b", "c"]
+    assert PoissonPatientSampler(["a", "b", "c"], 1.0, PrivateRandomness.secure()).sample(0) == ["a", "b", "c"]

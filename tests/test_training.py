@@ -56,30 +56,41 @@ def make_trainer(tmp_path: Path, configuration="3d_fullres", **options) -> DPTra
 
 def test_patients_are_the_privacy_unit(env, tmp_path):
     trainer = make_trainer(tmp_path)
-    # 16 cases, 2 per patient; fold 0 trains on 4/5 of the 8 patients, never splitting one
-    assert trainer.num_patients == 6
+    # 16 cases, 2 per patient; fold 0 trains on the patients outside its validation fold, never splitting one
+    assert set(trainer.train_cases) == {c for cases in trainer.patients.values() for c in cases}
+    assert 0 < trainer.num_patients < 8
     assert all(len(cases) == 2 for cases in trainer.patients.values())
-    assert trainer.sample_rate == pytest.approx(3 / 6)
+    assert trainer.sample_rate == pytest.approx(3 / trainer.num_patients)
 
 
 def test_train_run_writes_every_output(env, tmp_path):
     trainer = make_trainer(tmp_path, validation=True)
     result = trainer.run()
     out = trainer.output_dir
-    for name in ("checkpoint_final.pt", "checkpoint_latest.pt", "privacy_report.json", "privacy_report.md",
-                 "training_log.csv", "progress.png", "validation/summary.json", "run_config.json"):
+    released = {"release/model_release.pt", "release/model_release.json", "release/privacy_report.json",
+                "release/privacy_report.md"}
+    private = {"private/checkpoint_latest.pt", "private/training_log.csv", "private/progress.png",
+               "private/validation/summary.json", "private/run_config.json"}
+    for name in released | private:
         assert (out / name).is_file(), name
-    state = torch.load(out / "checkpoint_final.pt", weights_only=True)
-    assert state["step"] == STEPS and state["inference_weights"] == "ema"
-    report = json.loads((out / "privacy_report.json").read_text())
+    # nothing else beside the two folders, and release/ holds exactly the releasable files
+    assert {p.name for p in out.iterdir()} == {"release", "private"}
+    assert {str(p.relative_to(out)) for p in (out / "release").iterdir()} == released
+    state = torch.load(out / "private" / "checkpoint_latest.pt", weights_only=True)
+    assert state["step"] == STEPS
+    model = torch.load(out / "release" / "model_release.pt", weights_only=True)
+    assert model["inference_weights"] == "ema"
+    for key, value in trainer.ema.weights().items():
+        assert torch.equal(model["weights"][key], value)
+    report = json.loads((out / "release" / "privacy_report.json").read_text())
     assert report["unit"] == "patient" and report["steps_taken"] == STEPS
-    assert report["num_patients"] == 6 and report["patches_per_patient"] == 2
+    assert report["num_patients"] == trainer.num_patients and report["patches_per_patient"] == 2
     assert report["noise_multiplier"] > 0 and report["clip_norm"] == 1.0
     prv = epsilon_spent(report["noise_multiplier"], report["sample_rate"], STEPS, report["delta"], "prv")
     assert report["epsilon"]["prv"] == pytest.approx(prv, rel=1e-6) and prv <= 8.0
     assert report["epsilon"]["rdp"] == pytest.approx(
         epsilon_spent(report["noise_multiplier"], report["sample_rate"], STEPS, report["delta"], "rdp"), rel=1e-6)
-    rows = (out / "training_log.csv").read_text().strip().splitlines()
+    rows = (out / "private" / "training_log.csv").read_text().strip().splitlines()
     assert len(rows) == STEPS + 1
     assert result["validation"]["metric_per_case"], "validation ran on the held-out patients"
 
@@ -88,14 +99,14 @@ def test_nonprivate_run_uses_same_code_without_noise(env, tmp_path):
     trainer = make_trainer(tmp_path, epsilon=math.inf)
     assert trainer.noise_multiplier == 0.0 and trainer.engine.clip_norm is None
     trainer.run()
-    report = json.loads((trainer.output_dir / "privacy_report.json").read_text())
+    report = json.loads((trainer.output_dir / "release" / "privacy_report.json").read_text())
     assert report["private"] is False and report["clip_norm"] is None
 
 
 def test_2d_configuration_trains(env, tmp_path):
     trainer = make_trainer(tmp_path, configuration="2d", steps=2)
     trainer.run()
-    assert (trainer.output_dir / "checkpoint_final.pt").is_file()
+    assert (trainer.output_dir / "release" / "model_release.pt").is_file()
 
 
 def test_trained_subset_leaves_frozen_weights_at_their_seeded_values(env, tmp_path):
@@ -108,7 +119,7 @@ def test_trained_subset_leaves_frozen_weights_at_their_seeded_values(env, tmp_pa
     assert frozen and trained
     assert all(torch.equal(after[n], before[n]) for n in frozen)
     assert any(not torch.equal(after[n], before[n]) for n in trained)
-    report = json.loads((trainer.output_dir / "privacy_report.json").read_text())
+    report = json.loads((trainer.output_dir / "release" / "privacy_report.json").read_text())
     assert report["extra"]["trainable_subset"] == "bias_norm_head"
     trained_count = sum(trainer.model.get_parameter(n).numel() for n in trained)
     assert report["extra"]["trained_parameters"] == trained_count
@@ -120,20 +131,37 @@ def _comparable(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in ("extra",)}
 
 
-def test_interrupt_and_resume_equals_uninterrupted(env, tmp_path):
+def test_interrupt_and_resume_equals_uninterrupted_with_reproducible_noise(env, tmp_path):
+    straight = make_trainer(tmp_path / "a", insecure_reproducible_noise=True)
+    straight.run()
+    interrupted = make_trainer(tmp_path / "b", insecure_reproducible_noise=True)
+    assert interrupted.run(stop_after_steps=2) is None
+    resumed = make_trainer(tmp_path / "b", insecure_reproducible_noise=True)
+    resumed.run(resume=True)
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+    a = json.loads((straight.output_dir / "release" / "privacy_report.json").read_text())
+    b = json.loads((resumed.output_dir / "release" / "privacy_report.json").read_text())
+    assert _comparable(a) == _comparable(b)
+    assert a["statement"].startswith("NOT PRIVATE against anyone who knows the seed")
+    rows = (resumed.output_dir / "private" / "training_log.csv").read_text().strip().splitlines()
+    assert len(rows) == STEPS + 1
+
+
+def test_resume_with_secret_noise_gives_the_same_account_and_fresh_noise(env, tmp_path):
     straight = make_trainer(tmp_path / "a")
     straight.run()
     interrupted = make_trainer(tmp_path / "b")
     assert interrupted.run(stop_after_steps=2) is None
     resumed = make_trainer(tmp_path / "b")
     resumed.run(resume=True)
-    for key, value in straight.model.state_dict().items():
-        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
-    a = json.loads((straight.output_dir / "privacy_report.json").read_text())
-    b = json.loads((resumed.output_dir / "privacy_report.json").read_text())
-    assert _comparable(a) == _comparable(b)
-    rows = (resumed.output_dir / "training_log.csv").read_text().strip().splitlines()
-    assert len(rows) == STEPS + 1
+    a = json.loads((straight.output_dir / "release" / "privacy_report.json").read_text())
+    b = json.loads((resumed.output_dir / "release" / "privacy_report.json").read_text())
+    assert _comparable(a) == _comparable(b) and a["steps_taken"] == STEPS
+    assert not a["statement"].startswith("NOT PRIVATE")
+    # the resumed session drew a new key: its steps 3-4 did not reuse any noise of the first session
+    assert interrupted.randomness.key != resumed.randomness.key
+    assert any(not torch.equal(resumed.model.state_dict()[k], v) for k, v in straight.model.state_dict().items())
 
 
 def test_continue_refuses_changed_privacy_parameters(env, tmp_path):

@@ -2,8 +2,8 @@
 fold model's privacy parameters (`dpunet_cv_summary`).
 
 Inputs, per fold f of results_dir (= results_root()/<Task>/<arch>__<config>__eps<e>/):
-  fold_f/validation/summary.json   evaluate_folder on that fold's out-of-fold predictions (required)
-  fold_f/privacy_report.json       the trainer's report for that fold's model (optional; skipped with a note)
+  fold_f/private/validation/summary.json   evaluate_folder on that fold's out-of-fold predictions (required)
+  fold_f/release/privacy_report.json the trainer's report for that fold's model (optional; skipped with a note)
 Outputs in results_dir: cv_summary.json (nnU-Net-shaped merged summary plus `table`, `per_fold`, `privacy`,
 `notes`) and cv_summary.md (the same as Markdown tables).
 """
@@ -19,6 +19,7 @@ import numpy as np
 from dpunet.dataset.msd import case_id_from_path
 from dpunet.evaluation.evaluate import aggregate_metrics
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
+from dpunet.release import private_folder, release_folder
 from dpunet.utils.errors import DpunetError, cli_entry
 from dpunet.utils.files import read_json_file, write_json, write_text
 
@@ -95,7 +96,7 @@ def summarize_cross_validation(
         raise DpunetError(f"folds listed twice: {folds}")
     if not results_dir.is_dir():
         raise DpunetError(f"{results_dir}: run folder not found")
-    summary_paths = {f: results_dir / f"fold_{f}" / "validation" / "summary.json" for f in folds}
+    summary_paths = {f: private_folder(results_dir / f"fold_{f}") / "validation" / "summary.json" for f in folds}
     missing = [str(p) for p in summary_paths.values() if not p.is_file()]
     if missing:
         raise DpunetError(f"validation summaries missing (evaluate those folds first): {', '.join(missing)}")
@@ -138,7 +139,7 @@ def summarize_cross_validation(
             "mean": fold_agg["mean"],
             "foreground_mean": fold_agg["foreground_mean"],
         }
-        privacy[str(f)] = _read_privacy(results_dir / f"fold_{f}" / "privacy_report.json", f, notes)
+        privacy[str(f)] = _read_privacy(release_folder(results_dir / f"fold_{f}") / "privacy_report.json", f, notes)
 
     pooled = aggregate_metrics(metric_per_case)
     table: dict[str, dict[str, dict[str, float]]] = {}

@@ -30,7 +30,8 @@ from dpunet.inference.ensemble_privacy import (case_to_patient_map, ensemble_pri
 from dpunet.inference.sliding_window import predict_case
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
 from dpunet.preprocessing.preprocessor import config_fingerprint
-from dpunet.training.checkpoint import load_checkpoint
+from dpunet.release import (CHECKPOINT_FILE, MODEL_FILE, load_release, network_from_release, private_folder,
+                            release_folder)
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import load_json
 
@@ -44,7 +45,7 @@ class FoldModel:
 
     fold: str
     network: nn.Module
-    checkpoint_path: Path
+    model_path: Path
     plan_configuration: dict[str, Any]
     num_classes: int
     num_channels: int
@@ -52,7 +53,7 @@ class FoldModel:
 
     @property
     def run_dir(self) -> Path:
-        return self.checkpoint_path.parent
+        return self.model_path.parent
 
 
 @dataclass
@@ -136,38 +137,14 @@ def _train_command(task_name: str, fold: str, configuration: str, epsilon: float
     return f"dpunet_train {task_name} {fold} --eps {format_epsilon(epsilon)} -c {configuration} --arch {arch}"
 
 
-def _network_from_checkpoint(state: dict[str, Any], path: Path) -> tuple[nn.Module, str]:
-    """Build the trained architecture, load the inference weights (EMA when the run says so)."""
-    try:
-        arch, num_classes, num_channels = state["architecture"], int(state["num_classes"]), int(state["num_channels"])
-        which = state.get("inference_weights", "final")
-        weights = state["ema"]["shadow"] if which == "ema" else state["weights"]
-    except (KeyError, TypeError) as e:
-        raise DpunetError(f"{path}: checkpoint lacks {e} needed for inference") from None
-    if which not in ("ema", "final"):
-        raise DpunetError(f"{path}: unknown inference_weights {which!r} (expected 'ema' or 'final')")
-    # deep-supervision heads are part of the weights: build as trained, then use the full-resolution output only
-    num_heads = len({k.split(".")[2] for k in weights if k.startswith("decoder.heads.")})
-    network = build_network(arch, num_channels, num_classes, deep_supervision=num_heads > 1)
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError as e:
-        raise DpunetError(f"{path}: weights do not fit the stored architecture ({e})") from None
-    network.deep_supervision = False
-    network.eval()
-    return network, which
-
-
-def load_fold_model(checkpoint_path: str | Path, fold: str = "", device: str | torch.device = "cpu") -> FoldModel:
-    """One checkpoint_final.pt as a FoldModel on `device`."""
-    path = Path(checkpoint_path)
-    state = load_checkpoint(path, "cpu")
-    network, which = _network_from_checkpoint(state, path)
-    if "plan_configuration" not in state:
-        raise DpunetError(f"{path}: checkpoint lacks the plan configuration")
-    return FoldModel(fold=str(fold), network=network.to(device), checkpoint_path=path,
-                     plan_configuration=state["plan_configuration"], num_classes=int(state["num_classes"]),
-                     num_channels=int(state["num_channels"]), weights_used=which)
+def load_fold_model(model_path: str | Path, fold: str = "", device: str | torch.device = "cpu") -> FoldModel:
+    """One release model file (fold_X/release/model_release.pt) as a FoldModel on `device`."""
+    released = load_release(model_path)
+    which = released.metadata.get("inference_weights", "final")
+    return FoldModel(fold=str(fold or released.metadata.get("fold", "")),
+                     network=network_from_release(released).to(device), model_path=released.path,
+                     plan_configuration=released.plan_configuration, num_classes=released.num_classes,
+                     num_channels=released.num_channels, weights_used=which)
 
 
 def load_fold_models(task: str | int, configuration: str | None, folds: Sequence[int | str] | int | str | None,
@@ -182,10 +159,10 @@ def load_fold_models(task: str | int, configuration: str | None, folds: Sequence
     run_dir = run_directory(task_name, configuration, epsilon, arch)
     models = []
     for fold in fold_names:
-        path = run_dir / f"fold_{fold}" / "checkpoint_final.pt"
+        path = release_folder(run_dir / f"fold_{fold}") / MODEL_FILE
         if not path.is_file():
             command = _train_command(task_name, fold, configuration, epsilon, arch)
-            if (path.parent / "checkpoint_latest.pt").is_file():
+            if (private_folder(run_dir / f"fold_{fold}") / CHECKPOINT_FILE).is_file():
                 raise DpunetError(f"{path} not found: the training of fold {fold} is unfinished; finish it with "
                                   f"{command} --continue")
             raise DpunetError(f"{path} not found: train fold {fold} with {command}")
@@ -193,10 +170,10 @@ def load_fold_models(task: str | int, configuration: str | None, folds: Sequence
     first = models[0]
     for m in models[1:]:
         if (m.num_classes, m.num_channels) != (first.num_classes, first.num_channels):
-            raise DpunetError(f"{m.checkpoint_path}: {m.num_channels} channels / {m.num_classes} classes, but "
-                              f"{first.checkpoint_path} has {first.num_channels} / {first.num_classes}")
+            raise DpunetError(f"{m.model_path}: {m.num_channels} channels / {m.num_classes} classes, but "
+                              f"{first.model_path} has {first.num_channels} / {first.num_classes}")
         if config_fingerprint(m.plan_configuration) != config_fingerprint(first.plan_configuration):
-            raise DpunetError(f"{m.checkpoint_path}: preprocessed differently from {first.checkpoint_path}; the "
+            raise DpunetError(f"{m.model_path}: preprocessed differently from {first.model_path}; the "
                               f"folds of an ensemble must share their plan configuration")
     return task_name, configuration, models
 

@@ -8,6 +8,7 @@ from dpunet.dataset.msd import TaskInfo, load_task
 from dpunet.paths import preprocessed_root, raw_root, resolve_task
 from dpunet.planning.dp_plan import DEFAULTS
 from dpunet.planning.planner import plan_experiment
+from dpunet.planning.splits import DEFAULT_SPLIT_SCHEME, SPLIT_SCHEMES, make_splits
 from dpunet.utils.errors import DpunetError, cli_entry
 from dpunet.utils.files import load_json, write_json
 
@@ -34,6 +35,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-gb", type=float, default=16.0, help="memory budget for the micro-batch")
     parser.add_argument("--shape-source", choices=["header", "cropped"], default="header",
                         help="median shape from image headers (public, default) or shapes after cropping")
+    parser.add_argument("--split-scheme", choices=SPLIT_SCHEMES, default=DEFAULT_SPLIT_SCHEME,
+                        help="cross-validation folds: patient_hash (default: a patient's fold depends on its own id "
+                             "only) or kfold (nnU-Net's split; the privacy report then assumes the split fixed)")
     parser.add_argument("--max-noise-to-signal", type=float, default=DEFAULTS["max_noise_to_signal"],
                         help="warn above this sigma/(qN)")
 
@@ -47,13 +51,18 @@ def run_planning(task: TaskInfo, args: argparse.Namespace) -> dict:
         task, load_json(fp_path), args.configurations, args.eps, args.delta, args.patients_per_step, args.steps,
         args.patches_per_patient, args.clip, args.width, num_groups=args.num_groups,
         gpu_memory_gb=args.gpu_memory_gb, shape_source=args.shape_source,
-        max_noise_to_signal=args.max_noise_to_signal)
-    write_json(plans, out_dir / "dpunet_plans.json")
+        max_noise_to_signal=args.max_noise_to_signal, split_scheme=args.split_scheme)
     splits_path = out_dir / "splits_final.json"
-    if splits_path.is_file() and load_json(splits_path) != splits:
-        print(f"note: {splits_path} differs from the default split and is kept (edited by hand?)")
+    existing = load_json(splits_path) if splits_path.is_file() else None
+    generated = [make_splits(task.patients, scheme=s) for s in SPLIT_SCHEMES]
+    if existing is not None and existing != splits and existing not in generated:
+        # a hand-made split: no per-patient rule is known, so reports must assume it fixed
+        plans["split_scheme"] = "custom"
+        print(f"note: {splits_path} differs from the generated splits and is kept (edited by hand?); "
+              f"privacy reports will state the fixed-split assumption")
     else:
         write_json(splits, splits_path)
+    write_json(plans, out_dir / "dpunet_plans.json")
     print_plan_summary(plans)
     return plans
 

@@ -10,7 +10,7 @@ import dpunet
 from dpunet.dataset.msd import TaskInfo
 from dpunet.planning import memory
 from dpunet.planning.dp_plan import DEFAULTS, plan_dp_block, training_defaults
-from dpunet.planning.splits import make_splits
+from dpunet.planning.splits import DEFAULT_SPLIT_SCHEME, make_splits
 from dpunet.planning.topology import (features_per_stage, fullres_target_spacing, initial_patch_size,
                                       plan_topology)
 from dpunet.preprocessing.resampling import ANISOTROPY_THRESHOLD
@@ -141,9 +141,10 @@ def plan_experiment(task: TaskInfo, fingerprint: dict[str, Any], configurations:
                     steps: int = DEFAULTS["steps"], patches_per_patient: int = DEFAULTS["patches_per_patient"],
                     clip_norm: float = DEFAULTS["clip_norm"], width: float = 1.0, base_features: int = 32,
                     num_groups: int = 8, gpu_memory_gb: float = 16.0, shape_source: str = "header",
-                    max_noise_to_signal: float = DEFAULTS["max_noise_to_signal"]
-                    ) -> tuple[dict[str, Any], list[dict[str, list[str]]]]:
-    """(plans, splits). `shape_source` "header" (public metadata, default) or "cropped" (pixel-derived)."""
+                    max_noise_to_signal: float = DEFAULTS["max_noise_to_signal"],
+                    split_scheme: str = DEFAULT_SPLIT_SCHEME) -> tuple[dict[str, Any], list[dict[str, list[str]]]]:
+    """(plans, splits). `shape_source` "header" (public metadata, default) or "cropped" (pixel-derived);
+    `split_scheme` "patient_hash" (default) or "kfold" (nnU-Net's split, with a fixed-split caveat)."""
     header = fingerprint["header_metadata"]
     if shape_source == "header":
         shapes = header["shapes"]
@@ -159,7 +160,7 @@ def plan_experiment(task: TaskInfo, fingerprint: dict[str, Any], configurations:
         if is_2d_data and c != "2d":
             raise DpunetError(f"{task.name} holds 2D images (one slice each): only the '2d' configuration applies")
 
-    splits = make_splits(task.patients)
+    splits = make_splits(task.patients, scheme=split_scheme)
     train_patients = {task_case.patient_id for task_case in task.training if task_case.case_id in set(splits[0]["train"])}
     dp_block = plan_dp_block(len(train_patients), epsilon, delta, patients_per_step, steps, patches_per_patient,
                              clip_norm, max_noise_to_signal)
@@ -203,6 +204,7 @@ def plan_experiment(task: TaskInfo, fingerprint: dict[str, Any], configurations:
         "dataset_name": task.name,
         "plans_name": "dpunet_plans",
         "shape_source": shape_source,
+        "split_scheme": split_scheme,
         "num_channels": task.num_channels,
         "labels": {str(k): v for k, v in task.labels.items()},
         "ignore_label": task.ignore_label,

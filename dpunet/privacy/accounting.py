@@ -417,3 +417,16 @@ class PrivacyLedger:
 
     def __repr__(self) -> str:
         return f"PrivacyLedger(history={self.history})"
+
+
+def check_delta(delta: float, num_patients: int, allow_large_delta: bool = False) -> None:
+    """Refuse delta >= 1/N: a mechanism that publishes one random patient's record in the clear is (0, 1/N)-DP,
+    so such a delta permits exactly the failure DP is meant to exclude. `allow_large_delta` lets it through
+    (the report must then flag it)."""
+    if not 0 < delta < 1:
+        raise DpunetError(f"delta must lie in (0, 1), got {delta}")
+    if num_patients >= 1 and delta >= 1.0 / num_patients and not allow_large_delta:
+        raise DpunetError(f"delta {delta:g} is not below 1/N = {1.0 / num_patients:.3g} for N = {num_patients} "
+                          f"patients: a mechanism that releases one random patient's data outright satisfies "
+                          f"(0, 1/N)-DP. Choose a smaller --delta (e.g. 1e-5), or pass --allow-large-delta "
+                          f"(the privacy report will flag it)")

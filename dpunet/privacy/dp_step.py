@@ -1,8 +1,10 @@
 """The noisy step: (sum of clipped per-patient gradients + N(0, sigma^2 C^2)) / (q N).
 
 Noise is drawn exactly once per logical step (after all micro-batches of the step were accumulated), per
-parameter tensor, in fp32 on the parameter's device. The divisor is the *expected* batch size q*N, never the
-realised number of patients: the latter depends on who was sampled and would itself leak membership.
+parameter tensor, in fp32 on the parameter's device, with the hardened sampler of `dpunet.privacy.randomness`
+from a generator the caller seeds secretly (the trainer: from the session key and the step). The divisor is
+the *expected* batch size q*N, never the realised number of patients: the latter depends on who was sampled and
+would itself leak membership.
 """
 from __future__ import annotations
 
@@ -12,16 +14,16 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from dpunet.privacy.randomness import PrivateRandomness, hardened_normal
 from dpunet.utils.errors import DpunetError
 
 
 def _noise_like(t: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
-    shape, device = t.shape, t.device
-    if generator is None or generator.device == device:
-        return torch.normal(0.0, std, size=shape, generator=generator, device=device, dtype=torch.float32)
-    # a generator on another device (e.g. a seeded CPU generator for CUDA parameters): draw there, move
-    noise = torch.normal(0.0, std, size=shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return noise.to(device)
+    """Hardened N(0, std^2) noise shaped like `t`, on t's device. Without a generator: a fresh one seeded from
+    the operating system's entropy (never torch's global generator, which a public seed may have set)."""
+    if generator is None:
+        generator = PrivateRandomness.secure().torch_generator("noise", 0, t.device)
+    return hardened_normal(t.shape, std, generator, device=t.device)
 
 
 def noisy_average_gradient(

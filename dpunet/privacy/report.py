@@ -30,6 +30,16 @@ NOISE = "Gaussian N(0, sigma^2 C^2) added once per logical step to the sum of cl
 NORMALISATION = "noisy sum divided by the expected batch size q*N"
 FINGERPRINT_COMPOSITION = "basic composition: training and fingerprint epsilons and deltas add"
 
+RANDOMNESS = {
+    "secret": "secret: Poisson sampling and noise seeded per step by a keyed hash of a 256-bit key drawn from the "
+              "operating system's entropy for this session (never from --seed, never written to any file); "
+              "hardened Gaussian sampling (Opacus' secure_mode construction)",
+    "reproducible": "REPRODUCIBLE FROM THE SEED (--insecure-reproducible-noise): anyone who knows --seed can "
+                    "regenerate the noise and the batches",
+}
+INSECURE_PREFIX = ("NOT PRIVATE against anyone who knows the seed (--insecure-reproducible-noise: noise and "
+                   "sampling are derived from --seed). Only against an attacker without the seed: ")
+
 NON_PRIVATE_STATEMENT = (
     "NOT PRIVATE: this model was trained without differential privacy (no noise); it may memorise and "
     "reveal its training patients. epsilon = inf."
@@ -71,6 +81,8 @@ def build_privacy_report(
     fingerprint_delta: float = 0.0,
     public_data: Sequence[str] = (),
     caveats: Sequence[str] = (),
+    assumptions: Sequence[str] = (),
+    randomness: str = "secret",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Collect every field of the privacy report and compute the epsilons (PRV and RDP).
@@ -78,8 +90,12 @@ def build_privacy_report(
     The spent epsilon comes from `ledger` when given (its history of (sigma, q, steps)), else from
     `steps_taken` steps of (noise_multiplier, sample_rate). `ensemble_repetitions`: number of models each
     patient trains (4 for a 5-fold cross-validation ensemble); the reported epsilon composes them.
-    `fingerprint_epsilon`: epsilon of a DP estimate of dataset statistics, added by basic composition.
+    `fingerprint_epsilon`: epsilon of a DP estimate of dataset statistics, added by basic composition; the
+    statement then gives the total. `randomness`: "secret" or "reproducible" (the insecure mode, which the
+    statement's first words flag). `assumptions`: what the guarantee takes as given (N public, the fold split).
     """
+    if randomness not in RANDOMNESS:
+        raise ValueError(f"randomness must be one of {sorted(RANDOMNESS)}, got {randomness!r}")
     if ledger is not None:
         history = ledger.history
         if steps_taken is not None and steps_taken != ledger.steps_taken:
@@ -104,16 +120,24 @@ def build_privacy_report(
     epsilon = {acc: eps(history, acc) for acc in (PRIMARY_ACCOUNTANT, CROSS_CHECK_ACCOUNTANT)}
     expected_batch = float(sample_rate) * int(num_patients)
 
+    spent_fingerprint = bool(fingerprint_epsilon or fingerprint_delta)
+    headline_epsilon = epsilon[PRIMARY_ACCOUNTANT] + float(fingerprint_epsilon or 0.0)
+    headline_delta = float(delta) + float(fingerprint_delta or 0.0)
+    statement = NON_PRIVATE_STATEMENT
+    if private:
+        statement = (f"({_fmt(headline_epsilon)}, {headline_delta:g})-differential privacy per {UNIT} "
+                     f"({ADJACENCY}), accounted with {PRIMARY_ACCOUNTANT.upper()}"
+                     + (f", composed over {reps} models per patient" if reps > 1 else "")
+                     + (f"; in total: DP-SGD epsilon {_fmt(epsilon[PRIMARY_ACCOUNTANT])} plus the DP fingerprint "
+                        f"statistics' epsilon {_fmt(float(fingerprint_epsilon or 0.0))} (basic composition)"
+                        if spent_fingerprint else ""))
+        if randomness == "reproducible":
+            statement = INSECURE_PREFIX + statement
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
         "private": private,
-        "statement": (
-            f"({_fmt(epsilon[PRIMARY_ACCOUNTANT])}, {delta:g})-differential privacy per {UNIT} "
-            f"({ADJACENCY}), accounted with {PRIMARY_ACCOUNTANT.upper()}"
-            + (f", composed over {reps} models per patient" if reps > 1 else "")
-            if private
-            else NON_PRIVATE_STATEMENT
-        ),
+        "statement": statement,
+        "randomness": RANDOMNESS[randomness] if private else "no noise",
         "unit": UNIT,
         "adjacency": ADJACENCY,
         "sampling": SAMPLING,
@@ -143,6 +167,7 @@ def build_privacy_report(
         "data_touches_covered": list(data_touches_covered),
         "data_touches_not_covered": list(data_touches_not_covered),
         "public_data_and_priors": list(public_data),
+        "assumptions": list(assumptions),
         "caveats": list(caveats),
     }
     if reps > 1 and private:
@@ -150,12 +175,11 @@ def build_privacy_report(
             acc: _json_number(epsilon_for_history(history, delta, acc))
             for acc in (PRIMARY_ACCOUNTANT, CROSS_CHECK_ACCOUNTANT)
         }
-    if fingerprint_epsilon or fingerprint_delta:  # None or 0: no DP release of dataset statistics
-        total = epsilon[PRIMARY_ACCOUNTANT] + float(fingerprint_epsilon or 0.0)
+    if spent_fingerprint:  # None or 0: no DP release of dataset statistics
         report["fingerprint"] = {"epsilon": _json_number(fingerprint_epsilon or 0.0), "delta": float(fingerprint_delta)}
         report["total"] = {
-            "epsilon": _json_number(total),
-            "delta": float(delta) + float(fingerprint_delta),
+            "epsilon": _json_number(headline_epsilon),
+            "delta": headline_delta,
             "composition": FINGERPRINT_COMPOSITION,
         }
     if extra:
@@ -187,6 +211,7 @@ def render_privacy_report_markdown(report: dict[str, Any]) -> str:
         ("Privacy unit", report["unit"]),
         ("Adjacency", report["adjacency"]),
         ("Sampling", report["sampling"]),
+        ("Randomness", report.get("randomness", "-")),
         ("Accountant", f"{acc['primary'].upper()} (cross-check {acc['cross_check'].upper()}), "
                        f"{acc['library']} {acc['opacus_version']}"),
         (f"epsilon ({acc['primary'].upper()})", _fmt(eps[acc["primary"]])),
@@ -221,6 +246,7 @@ def render_privacy_report_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Data touches covered by the guarantee", *_bullets(report["data_touches_covered"])]
     lines += ["", "## Data touches NOT covered by the guarantee", *_bullets(report["data_touches_not_covered"])]
     lines += ["", "## Public data and priors used", *_bullets(report["public_data_and_priors"])]
+    lines += ["", "## Assumptions of the guarantee", *_bullets(report.get("assumptions", []))]
     lines += ["", "## Caveats", *_bullets(report["caveats"]), ""]
     return "\n".join(lines)
 

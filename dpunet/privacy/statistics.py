@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpunet.privacy.randomness import hardened_normal_numpy, secure_numpy_generator
 from dpunet.utils.errors import DpunetError
 
 
@@ -25,8 +26,10 @@ class DPMeansRelease:
 
 
 def dp_bounded_means(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, epsilon: float, delta: float,
-                     rng: np.random.Generator, accountant: str = "prv") -> DPMeansRelease:
-    """(epsilon, delta)-DP means of per-patient vectors `values` (n, d), each column clipped to [lower, upper]."""
+                     rng: np.random.Generator | None = None, accountant: str = "prv") -> DPMeansRelease:
+    """(epsilon, delta)-DP means of per-patient vectors `values` (n, d), each column clipped to [lower, upper].
+    The noise is hardened (dpunet.privacy.randomness) and drawn from `rng`, by default a generator seeded from the
+    operating system's entropy; a seeded generator makes the release reproducible and therefore not private."""
     from dpunet.privacy.accounting import calibrate_noise_multiplier
 
     values = np.atleast_2d(np.asarray(values, dtype=np.float64))
@@ -38,8 +41,9 @@ def dp_bounded_means(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, e
     d = values.shape[1]
     sigma = calibrate_noise_multiplier(epsilon, delta, sample_rate=1.0, steps=1, accountant=accountant)
     std = sigma * np.sqrt(d + 1)
-    noisy_sum = scaled.sum(0) + rng.normal(0.0, std, size=d)
-    noisy_count = len(values) + rng.normal(0.0, std)
+    rng = rng or secure_numpy_generator()
+    noisy_sum = scaled.sum(0) + hardened_normal_numpy(d, std, rng)
+    noisy_count = len(values) + float(hardened_normal_numpy(1, std, rng)[0])
     count = max(noisy_count, 1.0)
     means = np.clip(noisy_sum / count, -1, 1) * half + centre
     return DPMeansRelease(means, float(epsilon), float(delta), float(sigma), float(noisy_count), accountant)

@@ -62,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of patches centred on a foreground voxel (plan default 0.33)")
     p.add_argument("--dice-weight", type=float, default=None, help="weight of the soft Dice term (1)")
     p.add_argument("--ce-weight", type=float, default=None, help="weight of the cross-entropy term (1)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds initialisation, augmentation, patch choice and pretraining (0); never the DP noise or "
+                        "the Poisson sampling, which come from the operating system's entropy")
+    p.add_argument("--insecure-reproducible-noise", action="store_true", default=None,
+                   help="derive the DP noise and the Poisson sampling from --seed, for tests and debugging: the run is "
+                        "NOT private against anyone who knows the seed, and the privacy report says so first")
+    p.add_argument("--allow-large-delta", action="store_true", default=None,
+                   help="accept delta >= 1/N (refused by default; the privacy report flags it)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--checkpoint-minutes", type=float, default=None, help="minutes between checkpoint_latest.pt")
     p.add_argument("--no-validation", dest="validation", action="store_false", default=None)

@@ -12,7 +12,7 @@ from dpunet.utils.errors import DpunetError
 PRETRAINING_DEFAULTS = PretrainingConfig()
 # fields whose change would alter the privacy guarantee: `--continue` refuses to resume if any differs
 PRIVACY_FIELDS = ("epsilon", "delta", "steps", "patients_per_step", "patches_per_patient", "clip_norm",
-                  "fold", "configuration", "task", "seed")
+                  "fold", "configuration", "task", "seed", "insecure_reproducible_noise", "allow_large_delta")
 
 
 @dataclass
@@ -42,7 +42,11 @@ class TrainingConfig:
     ema_decay: float = 0.99
     evaluate_ema: bool = True
     deep_supervision: bool = True
+    # seeds initialisation, augmentation, patch choice and pretraining; never the noise or the Poisson sampling
     seed: int = 0
+    # derive noise and sampling from `seed` (tests, debugging): the report says the run is not private
+    insecure_reproducible_noise: bool = False
+    allow_large_delta: bool = False
     device: str = "cpu"
     engine: str = "auto"
     num_workers: int = 0

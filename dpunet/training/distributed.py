@@ -163,3 +163,14 @@ def assert_replicas_identical(tensors: Sequence[Tensor], what: str) -> None:
             worst = int((~same).nonzero()[0])
             raise DpunetError(f"distributed training: {what} differ between rank 0 and rank {r} (tensor {worst} of "
                               f"{len(tensors)}); the replicas diverged")
+
+
+def broadcast_bytes(data: bytes) -> bytes:
+    """Rank 0's `data` on every rank (the session's secret randomness key travels over the process group, never
+    through a file). Every rank passes a buffer of the same length."""
+    if not is_distributed():
+        return data
+    device = _communication_device(torch.device("cpu"))
+    buffer = torch.tensor(list(data), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, src=0)
+    return bytes(buffer.cpu().tolist())

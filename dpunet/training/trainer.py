@@ -3,7 +3,13 @@
 One logical step: Poisson-sample patients (rate q) -> for each physical micro-batch of whole patients, K
 augmented patches each -> the engine adds clipped per-patient gradients -> noise once -> divide by q*N ->
 optimiser step -> EMA -> privacy ledger. The run stops exactly at its planned number of steps T, for which
-sigma was calibrated, so the budget cannot be exceeded; `--continue` restores every piece of state.
+sigma was calibrated, so the budget cannot be exceeded; `--continue` restores the weights, optimiser, EMA and
+ledger from the private checkpoint.
+
+Sampling and noise come from `PrivateRandomness` (a key from OS entropy, per-step seeds by keyed hash), never
+from `--seed`; a resumed run draws a new key, so it never reuses noise. Files: `release/` (model_release.pt,
+privacy report) is what may be shared; `private/` (resumption checkpoint, run configuration, training log,
+progress plot, validation on held-out patients) is for the data owner only (documentation/privacy_model.md).
 """
 from __future__ import annotations
 
@@ -22,13 +28,16 @@ from dpunet.dataset.msd import TaskInfo
 from dpunet.evaluation.cross_validation import run_folder_name
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
 from dpunet.planning.cli import load_preprocessed_task
-from dpunet.planning.splits import fold_cases
-from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier
+from dpunet.planning.dp_plan import hyperparameter_statement
+from dpunet.planning.splits import fold_cases, split_statement
+from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, check_delta
 from dpunet.privacy.dp_step import assign_gradients, noise_norm_on_mean_gradient, noisy_average_gradient
 from dpunet.privacy.engines.base import PatientBatch
 from dpunet.privacy.engines.registry import make_engine
+from dpunet.privacy.randomness import PrivateRandomness
 from dpunet.privacy.report import build_privacy_report, render_privacy_report_markdown
 from dpunet.privacy.sampling import PoissonPatientSampler
+from dpunet.release import CHECKPOINT_FILE, private_folder, release_folder, write_release
 from dpunet.pretraining.pretrain import (RANDOM_IMAGES, PretrainingConfig, pretrain_on_random_images,
                                          pretrained_checkpoint_path)
 from dpunet.training.checkpoint import load_checkpoint, save_checkpoint
@@ -101,7 +110,9 @@ class DPTrainer:
         self._build_model()
         self._build_data()
         self.step = 0
-        self.log = TrainingLog(self.output_dir / "training_log.csv")
+        self.private_dir = private_folder(self.output_dir)
+        self.release_dir = release_folder(self.output_dir)
+        self.log = TrainingLog(self.private_dir / "training_log.csv")
         self.validation_curve: list[tuple[int, float]] = []
         self.elapsed = 0.0
 
@@ -112,13 +123,45 @@ class DPTrainer:
         expected = int(min(self.num_patients, max(1, expected)))
         cfg.patients_per_step = expected
         self.sample_rate = expected / self.num_patients
+        self.fingerprint_epsilon, self.fingerprint_delta = self._fingerprint_budget()
         if cfg.private:
-            self.noise_multiplier = calibrate_noise_multiplier(cfg.epsilon, cfg.delta, self.sample_rate, cfg.steps,
-                                                               accountant="prv")
+            check_delta(cfg.delta, self.num_patients, cfg.allow_large_delta)
+            self.noise_multiplier = calibrate_noise_multiplier(self.training_epsilon, self.training_delta,
+                                                               self.sample_rate, cfg.steps, accountant="prv")
         else:
             self.noise_multiplier = 0.0
         self.ledger = PrivacyLedger(self.noise_multiplier, self.sample_rate)
-        self.sampler = PoissonPatientSampler(sorted(self.patients), self.sample_rate, cfg.seed)
+        self.randomness = self._session_randomness()
+        self.sampler = PoissonPatientSampler(sorted(self.patients), self.sample_rate, self.randomness)
+
+    def _fingerprint_budget(self) -> tuple[float, float]:
+        """(epsilon, delta) the plan's DP fingerprint statistics spent on this data (0, 0 when none)."""
+        fp = self.plans.get("fingerprint_privacy", {}) or {}
+        return float(fp.get("epsilon", 0.0) or 0.0), float(fp.get("delta", 0.0) or 0.0)
+
+    @property
+    def training_epsilon(self) -> float:
+        """--eps is the total budget: what the fingerprint spent is subtracted before calibrating DP-SGD."""
+        remaining = self.cfg.epsilon - self.fingerprint_epsilon
+        if self.cfg.private and remaining <= 0:
+            raise DpunetError(f"--eps {self.cfg.epsilon} leaves nothing for training: the DP fingerprint statistics "
+                              f"already spent epsilon {self.fingerprint_epsilon}")
+        return remaining
+
+    @property
+    def training_delta(self) -> float:
+        remaining = self.cfg.delta - self.fingerprint_delta
+        if self.cfg.private and remaining <= 0:
+            raise DpunetError(f"--delta {self.cfg.delta} leaves nothing for training: the DP fingerprint statistics "
+                              f"already spent delta {self.fingerprint_delta}")
+        return remaining
+
+    def _session_randomness(self) -> PrivateRandomness:
+        """A fresh secret key (rank 0's, sent to the other ranks) unless the insecure reproducible mode asks
+        for one derived from --seed."""
+        if self.cfg.insecure_reproducible_noise:
+            return PrivateRandomness.insecure_from_seed(self.cfg.seed)
+        return PrivateRandomness(distributed.broadcast_bytes(PrivateRandomness.secure().key), reproducible=False)
 
     def _initial_weights_path(self) -> Path | None:
         """None (random initialisation), the given checkpoint, or the cached random-image pretraining (made by
@@ -166,8 +209,6 @@ class DPTrainer:
         self.optimizer = make_optimizer(cfg.optimizer, self.engine.params, cfg.learning_rate, cfg.momentum,
                                         cfg.weight_decay)
         self.ema = WeightEMA(self.model, cfg.ema_decay)
-        self.noise_generator = torch.Generator(device=self.device)
-        self.noise_generator.manual_seed(cfg.seed + 1)
 
     def _shape_only_batch(self) -> PatientBatch:
         """Random data with the shapes of one patient's K patches: engine auto-selection times the engines on
@@ -197,29 +238,24 @@ class DPTrainer:
             pc.get("augmentation") if cfg.augmentation else None, pc["dim"], self.task.ignore_label, strides)
         self.patients_per_micro_batch = max(1, cfg.patients_per_micro_batch or 1)
         self.loader: BackgroundPatientLoader | None = None
-        # patient draws made ahead of training (for prefetching): (step index, patients, sampler state before)
-        self.pending: deque[tuple[int, list[str], dict]] = deque()
+        # patient draws made ahead of training (for prefetching): (step index, patients)
+        self.pending: deque[tuple[int, list[str]]] = deque()
 
     def _open_loader(self) -> None:
         self.loader = BackgroundPatientLoader(self.patch_sampler, self.cfg.num_workers, self.cfg.seed,
                                               prefetch_steps=2)
 
     def _draw_ahead(self) -> None:
-        """Poisson draws for the next few steps, submitted to the loader; the sampler state before each draw is
-        kept so a checkpoint records the state of the first step not yet trained."""
+        """Poisson draws for the next few steps, submitted to the loader."""
         depth = 1 + (2 if self.cfg.num_workers > 0 else 0)
         next_step = self.pending[-1][0] + 1 if self.pending else self.step
         while len(self.pending) < depth and next_step < self.cfg.steps:
-            state = self.sampler.state_dict()
-            patients = self.sampler.sample()
-            self.pending.append((next_step, patients, state))
+            patients = self.sampler.sample(next_step)
+            self.pending.append((next_step, patients))
             # distributed: every rank drew the same patients; its loader builds only this rank's shard
             self.loader.submit(next_step, iterate_micro_batches(distributed.shard(patients),
                                                                 self.patients_per_micro_batch))
             next_step += 1
-
-    def sampler_state(self) -> dict:
-        return self.pending[0][2] if self.pending else self.sampler.state_dict()
 
     # ----- one logical step ---------------------------------------------------------------------------
     def _to_device(self, batch: PatientBatch) -> PatientBatch:
@@ -230,7 +266,7 @@ class DPTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         self._draw_ahead()
-        step_index, patients, _ = self.pending.popleft()
+        step_index, patients = self.pending.popleft()
         assert step_index == self.step, (step_index, self.step)
         micro_batches = self.loader.get(step_index)
         self.engine.zero()
@@ -244,6 +280,7 @@ class DPTrainer:
         # ---- distributed: sum the shards' clipped-gradient sums and statistics over all ranks (no-op in one
         # process). Every rank then adds the SAME noise (identical generator state on every rank) to the same
         # total, so the noise enters exactly once per logical step and all ranks take the same optimiser step.
+        # (The same generator state: every rank holds the session key and derives the step's seed from it.)
         if distributed.is_distributed():
             totals = torch.tensor([loss_sum, clipped, nonfinite], dtype=torch.float64, device=self.device)
             distributed.all_reduce_sum([*self.engine.summed_grad, totals])
@@ -251,7 +288,7 @@ class DPTrainer:
         # ---- end distributed
         grads = noisy_average_gradient(self.engine.summed_grad, self.noise_multiplier,
                                        cfg.clip_norm if cfg.private else None, cfg.patients_per_step,
-                                       self.noise_generator)
+                                       self.randomness.torch_generator("noise", step_index, self.device))
         lr = cfg.learning_rate * lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -276,7 +313,8 @@ class DPTrainer:
     def epsilon_now(self, accountant: str = "prv") -> float:
         if not self.cfg.private:
             return math.inf
-        return self.ledger.epsilon(self.cfg.delta, accountant)
+        # the total spent so far: DP-SGD at its share of delta plus the fingerprint statistics
+        return self.ledger.epsilon(self.training_delta, accountant) + self.fingerprint_epsilon
 
     # ----- checkpoints --------------------------------------------------------------------------------
     def privacy_parameters(self) -> dict[str, Any]:
@@ -284,15 +322,16 @@ class DPTrainer:
                 "noise_multiplier": self.noise_multiplier, "patients_per_step": self.cfg.patients_per_step}
 
     def state_dict(self) -> dict[str, Any]:
+        """The private resumption checkpoint. No sampler or noise state: both derive from the session key (a
+        resumed run draws a new one; the insecure reproducible mode re-derives the same one from --seed)."""
         return {
             "dpunet_version": dpunet.__version__,
             "step": self.step,
             "weights": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler_state(),
             "ledger": self.ledger.state_dict(),
-            "noise_generator": self.noise_generator.get_state(),
+            "randomness": "reproducible from the seed (insecure)" if self.randomness.reproducible else "secret",
             "privacy_parameters": self.privacy_parameters(),
             "config": self.cfg.to_dict(),
             "architecture": self.arch,
@@ -306,11 +345,11 @@ class DPTrainer:
     def save_latest(self) -> None:
         if not distributed.is_main_process():  # distributed: only rank 0 writes files
             return
-        save_checkpoint(self.state_dict(), self.output_dir / "checkpoint_latest.pt")
+        save_checkpoint(self.state_dict(), self.private_dir / CHECKPOINT_FILE)
         self.log.write()
 
     def resume(self) -> None:
-        path = self.output_dir / "checkpoint_latest.pt"
+        path = self.private_dir / CHECKPOINT_FILE
         if not path.is_file():
             raise DpunetError(f"--continue: {path} not found")
         state = load_checkpoint(path, self.device)
@@ -328,9 +367,7 @@ class DPTrainer:
         self.model.load_state_dict(state["weights"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
         self.ledger.load_state_dict(state["ledger"])
-        self.noise_generator.set_state(state["noise_generator"].cpu())
         self.step = int(state["step"])
         self.validation_curve = [tuple(v) for v in state.get("validation_curve", [])]
         self.elapsed = float(state.get("elapsed_seconds", 0.0))
@@ -341,11 +378,11 @@ class DPTrainer:
     def run(self, resume: bool = False, stop_after_steps: int | None = None) -> dict[str, Any] | None:
         """Train to T steps (or, for tests, stop early after `stop_after_steps` as if interrupted)."""
         cfg = self.cfg
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()  # distributed: every rank loads the same checkpoint
-        elif (self.output_dir / "checkpoint_latest.pt").is_file() or (self.output_dir / "checkpoint_final.pt").is_file():
+        elif (self.private_dir / CHECKPOINT_FILE).is_file() or self.release_dir.is_dir():
             raise DpunetError(f"{self.output_dir} already holds a run: use --continue to resume it, or remove it")
+        self.private_dir.mkdir(parents=True, exist_ok=True)
         # distributed: all ranks must start from the same weights (same seed or the same checkpoint); this
         # collective also makes every rank check the output folder before rank 0 writes to it
         distributed.assert_replicas_identical(self.replica_tensors(), "weights at the start")
@@ -357,8 +394,9 @@ class DPTrainer:
                                        "noise_norm_per_step_in_units_of_C": self.noise_norm_per_step()},
                         "initial_weights": self.initial_weights,
                         "world_size": distributed.world_size()},
-                       self.output_dir / "run_config.json")
-        if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, extra_steps=cfg.steps - self.step,
+                       self.private_dir / "run_config.json")
+        if cfg.private and self.ledger.would_exceed(self.training_epsilon, self.training_delta,
+                                                    extra_steps=cfg.steps - self.step,
                                                     accountant="prv"):
             raise DpunetError(f"{cfg.steps - self.step} more steps would exceed epsilon {cfg.epsilon}; refusing to train")
         if self.noise_norm_per_step() > NOISE_NORM_WARNING and self.initial_weights is None \
@@ -381,7 +419,7 @@ class DPTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.task_name} fold {cfg.fold}", unit="step",
                    disable=not distributed.is_main_process())
         while self.step < cfg.steps:
-            if cfg.private and self.ledger.would_exceed(cfg.epsilon, cfg.delta, accountant="prv"):
+            if cfg.private and self.ledger.would_exceed(self.training_epsilon, self.training_delta, accountant="prv"):
                 raise DpunetError("the next step would exceed the privacy budget; refusing to continue")
             row = self.train_step()
             self.elapsed += row["seconds"]
@@ -425,17 +463,13 @@ class DPTrainer:
         if not distributed.is_main_process():
             distributed.barrier()  # rank 0 writes the outputs and validates
             return {"report": None, "validation": None, "output_dir": str(self.output_dir)}
-        final = self.state_dict()
-        final["inference_weights"] = "ema" if cfg.evaluate_ema else "final"
-        save_checkpoint(final, self.output_dir / "checkpoint_final.pt")
         report = self.privacy_report()
-        write_json(report, self.output_dir / "privacy_report.json")
-        write_text(render_privacy_report_markdown(report), self.output_dir / "privacy_report.md")
+        self.write_release(report)
         summary = None
         if cfg.validation and self.val_cases:
             summary = self.validate()
         self.log.write()
-        plot_progress(self.log, self.validation_curve, self.output_dir / "progress.png",
+        plot_progress(self.log, self.validation_curve, self.private_dir / "progress.png",
                       f"{self.task_name} {cfg.configuration} fold {cfg.fold} eps {report['target_epsilon']}")
         self.save_latest()
         distributed.barrier()
@@ -449,7 +483,7 @@ class DPTrainer:
         model.deep_supervision = False  # full-resolution head only
         model.to(self.device)
         summary = validate_fold(model, self.task, self.val_cases, self.data_dir, self.plan_config, self.num_classes,
-                                self.output_dir / "validation", self.cfg.validation_step_size,
+                                self.private_dir / "validation", self.cfg.validation_step_size,
                                 self.cfg.validation_mirroring)
         self.validation_curve.append((self.step, mean_foreground_dice(summary)))
         return summary
@@ -462,43 +496,66 @@ class DPTrainer:
                 f"{w['tensors_copied']} tensors copied, {len(w['tensors_kept_at_initialisation'])} kept at their "
                 f"seeded initialisation"]
 
+    def write_release(self, report: dict[str, Any]) -> None:
+        """release/: the model file (inference weights and what prediction needs) and the privacy report."""
+        write_release(self.release_dir, weights=self.inference_weights(), architecture=self.arch,
+                      num_channels=self.task.num_channels, num_classes=self.num_classes,
+                      plan_configuration=self.plan_config,
+                      description={"task": self.task_name, "configuration": self.cfg.configuration,
+                                   "fold": str(self.cfg.fold), "arch": self.cfg.arch, "width": self.cfg.width,
+                                   "inference_weights": "ema" if self.cfg.evaluate_ema else "final",
+                                   "labels": self.plans.get("labels", {})},
+                      privacy_report=report)
+        write_json(report, self.release_dir / "privacy_report.json")
+        write_text(render_privacy_report_markdown(report), self.release_dir / "privacy_report.md")
+
     def privacy_report(self) -> dict[str, Any]:
         cfg = self.cfg
-        fp = self.plans.get("fingerprint_privacy", {}) or {}
         caveats = [
-            "training_log.csv and progress.png hold losses computed on private data without noise: they are "
-            "for the data owner, not for release",
-            "hyperparameters (plan defaults or options) are not chosen on this data by dpunet; any tuning you did "
-            "on private data is not covered",
+            "private/ (resumption checkpoint, run configuration with the seed, training_log.csv and progress.png "
+            "with losses computed on private data without noise, validation on held-out patients) is for the data "
+            "owner, not for release; release/ holds what may be shared",
+            hyperparameter_statement(self.task_name),
         ]
         if self.plans.get("shape_source") == "cropped":
             caveats.append("the plan used median shapes after cropping to non-zero (derived from pixels, not DP)")
         if cfg.select_checkpoint_on_validation:
             caveats.append("checkpoint selected on private validation data: not covered by the guarantee")
+        if cfg.private and cfg.delta >= 1.0 / self.num_patients:
+            caveats.append(f"LARGE DELTA: delta {cfg.delta:g} is not below 1/N = {1.0 / self.num_patients:.3g} "
+                           f"(--allow-large-delta); such a delta permits releasing a patient's data outright")
         touches_covered = ["gradients of every training patient (DP-SGD, this report)"]
         touches_not = ["image header metadata (spacing, shape, origin, direction): declared public",
                        "per-image normalisation uses only each patient's own pixels (part of that patient's input)",
-                       "validation metrics (validation/summary.json) are computed without DP on the fold's held-out "
-                       "patients, who are not in the training set: they describe those patients, not the model's "
-                       "training data"]
-        if fp.get("epsilon"):
-            touches_covered.append(f"DP intensity statistics for normalisation (epsilon {fp['epsilon']})")
+                       "validation metrics (private/validation/summary.json) are computed without DP on the fold's "
+                       "held-out patients, who are not in the training set: they describe those patients, not the "
+                       "model's training data, and are private"]
+        if self.fingerprint_epsilon:
+            touches_covered.append(f"DP intensity statistics for normalisation (epsilon {self.fingerprint_epsilon}, "
+                                   f"subtracted from the budget --eps {cfg.epsilon})")
+        assumptions = [
+            f"the number of training patients N = {self.num_patients} is treated as public: q = (q*N)/N, the noise "
+            f"multiplier and the divisor q*N were chosen knowing it",
+            split_statement(self.plans.get("split_scheme", "kfold"), cfg.fold),
+        ]
         return build_privacy_report(
             num_patients=self.num_patients,
             sample_rate=self.sample_rate,
             noise_multiplier=self.noise_multiplier,
             clip_norm=cfg.clip_norm if cfg.private else None,
-            delta=cfg.delta,
+            delta=self.training_delta if cfg.private else cfg.delta,
             target_epsilon=cfg.epsilon,
             steps_planned=cfg.steps,
             patches_per_patient=cfg.patches_per_patient,
             ledger=self.ledger,
             data_touches_covered=touches_covered,
             data_touches_not_covered=touches_not,
-            fingerprint_epsilon=float(fp.get("epsilon", 0.0) or 0.0),
-            fingerprint_delta=float(fp.get("delta", 0.0) or 0.0),
+            fingerprint_epsilon=self.fingerprint_epsilon,
+            fingerprint_delta=self.fingerprint_delta,
             public_data=self.public_data(),
             caveats=caveats,
+            assumptions=assumptions,
+            randomness="reproducible" if self.randomness.reproducible else "secret",
             extra={"task": self.task_name, "configuration": cfg.configuration, "fold": cfg.fold,
                    "num_cases": len(self.train_cases), "engine": self.engine.name,
                    "trained_parameters": self.num_trained_parameters, "trainable_subset": cfg.trainable,
@@ -506,4 +563,3 @@ class DPTrainer:
                    "model_for_inference": "EMA of the weights at the final step" if cfg.evaluate_ema
                    else "weights at the final step"},
         )
-
