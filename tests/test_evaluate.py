@@ -306,3 +306,60 @@ def test_format_epsilon():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(DpunetError):
             format_epsilon(bad)
+
+
+# ---------------------------------------------------------------- corrupt inputs and bad options
+
+def _truncate(path: Path, keep_fraction: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+
+
+@pytest.mark.parametrize("which", ["pred", "ref"])
+def test_truncated_file_is_refused_not_scored(folders, which):
+    ref_dir, pred_dir, _ = folders
+    broken = (pred_dir if which == "pred" else ref_dir) / "case_001.nii.gz"
+    _truncate(broken)
+    with pytest.raises(DpunetError, match="truncated") as e:
+        evaluate_folder(ref_dir, pred_dir, LABELS, None, 0)
+    assert str(broken) in str(e.value)
+    done = _run_cli("-ref", str(ref_dir), "-pred", str(pred_dir), "-l", "1", "2")
+    assert done.returncode == 2 and done.stderr.startswith("dpunet error:") and str(broken) in done.stderr
+    assert "Traceback" not in done.stderr and not (pred_dir / "summary.json").exists()
+
+
+def _task_raw(tmp_path: Path) -> Path:
+    raw = tmp_path / "raw"
+    write_json({"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "a", "2": "b"}, "training": []},
+               raw / "Task07_Tiny" / "dataset.json")
+    return raw
+
+
+def test_undeclared_label_values_are_warned_about(folders, tmp_path):
+    ref_dir, pred_dir, cases = folders
+    ref, pred = cases["case_002"]
+    pred = pred.copy()
+    pred[0, 0, :3] = 7
+    write_segmentation(pred, GEOMETRY, pred_dir / "case_002.nii.gz")
+    summary = evaluate_folder(ref_dir, pred_dir, LABELS, None, 0, declared_labels=[0, 1, 2])
+    (warning,) = summary["warnings"]
+    assert "[7]" in warning and "case_002" in warning and "prediction" in warning
+    assert "undeclared" not in summary["metric_per_case"][0]
+    done = _run_cli("-ref", str(ref_dir), "-pred", str(pred_dir), "-t", "7",
+                    env_extra={"DPUNET_RAW": str(_task_raw(tmp_path))})
+    assert done.returncode == 0, done.stderr
+    assert "dpunet warning:" in done.stderr and "[7]" in done.stderr and "case_002" in done.stderr
+
+
+def test_output_is_checked_before_any_work(folders, tmp_path):
+    ref_dir, pred_dir, _ = folders
+    _truncate(pred_dir / "case_000.nii.gz")  # evaluating would fail on this file: the -o check comes first
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    done = _run_cli("-ref", str(ref_dir), "-pred", str(pred_dir), "-l", "1", "-o", str(folder))
+    assert done.returncode == 2 and "dpunet error:" in done.stderr and "is a folder" in done.stderr
+    assert "Traceback" not in done.stderr and list(folder.iterdir()) == []
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    done = _run_cli("-ref", str(ref_dir), "-pred", str(pred_dir), "-l", "1", "-o", str(a_file / "s.json"))
+    assert done.returncode == 2 and "is a file" in done.stderr and "Traceback" not in done.stderr

@@ -10,7 +10,8 @@ from dpunet.dataset.msd import load_task
 from dpunet.evaluation.evaluate import evaluate_folder, list_segmentations, write_summary
 from dpunet.evaluation.metrics import EMPTY_BOTH_RULES
 from dpunet.paths import raw_root, resolve_task
-from dpunet.utils.errors import DpunetError, cli_entry
+from dpunet.utils.errors import DpunetError, cli_entry, warn
+from dpunet.utils.files import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,11 +65,14 @@ def format_table(summary: dict[str, Any]) -> str:
 @cli_entry
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    output = check_output_file(args.output if args.output is not None else args.pred / "summary.json")
+    declared = None
     if args.task is not None:
         if args.ignore_label is not None:
             raise DpunetError("--ignore-label goes with -l; with -t the ignore label comes from dataset.json")
         task = load_task(raw_root() / resolve_task(args.task, raw_root()))
         labels, ignore, background = task.labels, task.ignore_label, task.background_label
+        declared = task.label_values  # -l lists the labels to score, not every value a file may hold
     else:
         labels = {v: str(v) for v in args.labels}
         if args.ignore_label is not None:
@@ -85,8 +89,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         num_processes=args.num_processes,
         empty_both=args.empty_both,
         case_ids=case_ids,
+        declared_labels=declared,
     )
-    output = args.output if args.output is not None else args.pred / "summary.json"
+    for warning in summary.get("warnings", []):
+        warn(warning)
     write_summary(summary, output)
     print(f"{summary['n_cases']} cases evaluated")
     print(format_table(summary))

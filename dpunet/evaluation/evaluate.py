@@ -7,6 +7,10 @@ cases) and `foreground_mean` (mean over labels of the per-label means). dpunet a
 is undefined), `empty_counts` (cases with an empty reference / prediction / both) and `settings` (surface
 definition, NSD tolerance, empty-mask rule, ignore and background labels). NaN is written as the JSON
 extension `NaN`, as nnU-Net does; Python's json module reads it back.
+
+Every reference and prediction passes the integrity check of dpunet_verify_dataset (`stored_data_problems`:
+a truncated or NaN-holding NIfTI is refused, not scored). With `declared_labels` (dpunet_evaluate -t: the labels
+of dataset.json) voxel values outside them are listed in `warnings` (they count as background for every label).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 
 from dpunet.dataset.io import read_label
 from dpunet.dataset.msd import case_id_from_path
+from dpunet.dataset.verify import stored_data_problems
 from dpunet.evaluation.metrics import (
     EMPTY_BOTH_RULES,
     HD95_DEFINITION,
@@ -77,11 +82,27 @@ def evaluation_settings(
     }
 
 
+def _read_checked_label(path: Path) -> tuple[np.ndarray, Any]:
+    """read_label after the integrity check (SimpleITK would score a truncated file's missing voxels as 0)."""
+    problems = stored_data_problems(path)[1]
+    if problems:
+        raise DpunetError("; ".join(problems))
+    return read_label(path)
+
+
+def _undeclared_values(declared: Optional[list[int]], **arrays: np.ndarray) -> dict[str, list[int]]:
+    """{'reference': [values], 'prediction': [...]} of the voxel values outside `declared` (None: not checked)."""
+    if declared is None:
+        return {}
+    found = {name: sorted(set(np.unique(a).tolist()) - set(declared)) for name, a in arrays.items()}
+    return {name: values for name, values in found.items() if values}
+
+
 def _evaluate_case(job: dict[str, Any]) -> dict[str, Any]:
     """One case: read both files, check geometry, compute every label's metrics (runs in a worker)."""
     ref_path, pred_path = Path(job["reference_file"]), Path(job["prediction_file"])
-    ref, ref_geometry = read_label(ref_path)
-    pred, pred_geometry = read_label(pred_path)
+    ref, ref_geometry = _read_checked_label(ref_path)
+    pred, pred_geometry = _read_checked_label(pred_path)
     diffs = ref_geometry.matches(pred_geometry)
     if diffs:
         raise DpunetError(
@@ -106,7 +127,21 @@ def _evaluate_case(job: dict[str, Any]) -> dict[str, Any]:
         "reference_file": str(ref_path),
         "prediction_file": str(pred_path),
         "metrics": metrics,
+        "undeclared": _undeclared_values(job.get("declared_labels"), reference=ref, prediction=pred),
     }
+
+
+def undeclared_label_warnings(metric_per_case: list[dict[str, Any]], declared: list[int]) -> list[str]:
+    """One line per kind of file (reference, prediction) holding values outside the declared labels."""
+    warnings = []
+    for kind in ("reference", "prediction"):
+        hits = {c[f"{kind}_file"]: c["undeclared"][kind] for c in metric_per_case if kind in c.get("undeclared", {})}
+        if hits:
+            values = sorted({v for vs in hits.values() for v in vs})
+            files = ", ".join(Path(f).name for f in list(hits)[:5]) + (" ..." if len(hits) > 5 else "")
+            warnings.append(f"{len(hits)} {kind} file(s) hold label values {values} not declared in {declared} "
+                            f"(counted as background for every label): {files}")
+    return warnings
 
 
 def _nanmean(values: Iterable[float]) -> tuple[float, int]:
@@ -168,13 +203,15 @@ def evaluate_folder(
     empty_both: str = "nan",
     surface_connectivity: int = 1,
     case_ids: Optional[list[str]] = None,
+    declared_labels: Optional[list[int]] = None,
 ) -> dict[str, Any]:
     """Evaluate predictions in `pred_folder` against the label maps in `ref_folder`, matched by file name.
 
     Evaluated labels: every key of `labels` except `background_label` and `ignore_label`. Cases: `case_ids`
     if given (e.g. one fold's validation cases), otherwise every reference in `ref_folder`; each needs a
     prediction (missing ones are listed in the error). Without `case_ids`, predictions that have no reference
-    are an error too (a wrong folder, most likely). Returns the summary dict (see module docstring).
+    are an error too (a wrong folder, most likely). `declared_labels`: every value a label map may hold;
+    others are listed in the summary's `warnings`. Returns the summary dict (see module docstring).
     """
     if empty_both not in EMPTY_BOTH_RULES:
         raise DpunetError(f"empty_both must be one of {EMPTY_BOTH_RULES}, got '{empty_both}'")
@@ -220,6 +257,7 @@ def evaluate_folder(
             "nsd_tolerance_mm": float(nsd_tolerance_mm),
             "empty_both": empty_both,
             "surface_connectivity": surface_connectivity,
+            "declared_labels": None if declared_labels is None else [int(v) for v in declared_labels],
         }
         for c in wanted
     ]
@@ -230,8 +268,13 @@ def evaluate_folder(
         # spawn, not fork: callers (the trainer) may hold CUDA or torch thread pools that fork would break
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             metric_per_case = pool.map(_evaluate_case, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+    warnings = [] if declared_labels is None else undeclared_label_warnings(metric_per_case, sorted(declared_labels))
+    for case in metric_per_case:
+        del case["undeclared"]  # reported once, in `warnings`
     summary: dict[str, Any] = {"metric_per_case": metric_per_case}
     summary.update(aggregate_metrics(metric_per_case))
+    if declared_labels is not None:
+        summary["warnings"] = warnings
     summary["labels"] = {str(v): labels[v] for v in foreground}
     summary["settings"] = evaluation_settings(
         nsd_tolerance_mm, empty_both, surface_connectivity, ignore_label, background_label

@@ -79,6 +79,44 @@ def read_json_file(path: str | os.PathLike, what: str = "file") -> Any:
         raise DpunetError(f"{path}: not valid JSON ({e})") from None
 
 
+def _check_writable_parent(path: Path) -> None:
+    """The nearest existing ancestor of `path` must be a folder we may write in (the rest is created)."""
+    from dpunet.utils.errors import DpunetError
+
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DpunetError(f"{path}: cannot be created, {parent} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise DpunetError(f"{path}: cannot be created, {parent} is not writable")
+            return
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Refuse, before any work is done, an output file path that cannot be written (a folder, a file on the way)."""
+    from dpunet.utils.errors import DpunetError
+
+    path = Path(path)
+    if path.is_dir():
+        raise DpunetError(f"{path}: is a folder; give the path of a file to write")
+    _check_writable_parent(path)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """Refuse, before any work is done, an output folder that is an existing file or cannot be created."""
+    from dpunet.utils.errors import DpunetError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DpunetError(f"{path}: is a file; give a folder for the output (it is created if missing)")
+    if not path.exists():
+        _check_writable_parent(path)
+    elif not os.access(path, os.W_OK | os.X_OK):
+        raise DpunetError(f"{path}: the output folder is not writable")
+    return path
+
+
 def write_text(text: str, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
