@@ -26,7 +26,7 @@ from dpunet.inference.sliding_window import (gaussian_importance, mirrored_softm
                                              predict_sliding_window, sliding_window_weight_sum, tile_starts)
 from dpunet.privacy.accounting import epsilon_for_history, epsilon_for_repeated_training, epsilon_spent
 from dpunet.privacy.report import build_privacy_report
-from dpunet.training.checkpoint import save_checkpoint
+from dpunet.release import write_release
 from dpunet.training.ema import WeightEMA
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import load_json, write_json
@@ -193,7 +193,8 @@ def test_mirroring_averages_all_flips():
 # ------------------------------------------------------------------------------- synthetic tasks + runs
 def _trained_like_checkpoint(run_dir: Path, plan_config: dict, num_channels: int, num_classes: int, seed: int,
                              inference_weights: str = "ema", report: dict | None = None) -> None:
-    """checkpoint_final.pt in the trainer's format (no training): random weights, an EMA that differs."""
+    """release/model_release.pt as the trainer writes it (no training): the EMA (or the final weights, which
+    differ) of a randomly initialised net, and the run's privacy report."""
     torch.manual_seed(seed)
     net = build_network(plan_config["architecture"], num_channels, num_classes, deep_supervision=True)
     ema = WeightEMA(net, 0.99)
@@ -201,12 +202,13 @@ def _trained_like_checkpoint(run_dir: Path, plan_config: dict, num_channels: int
         for k, v in ema.shadow.items():
             if v.dtype.is_floating_point:
                 v.add_(0.05 * torch.randn_like(v))
-    save_checkpoint({"step": 10, "architecture": plan_config["architecture"], "weights": net.state_dict(),
-                     "ema": ema.state_dict(), "inference_weights": inference_weights,
-                     "plan_configuration": plan_config, "num_classes": num_classes, "num_channels": num_channels,
-                     "config": {"deep_supervision": True}, "privacy_parameters": {}},
-                    run_dir / "checkpoint_final.pt")
-    write_json(report or REPORT, run_dir / "privacy_report.json")
+    weights = ema.weights() if inference_weights == "ema" else net.state_dict()
+    write_release(run_dir / "release", weights=weights, architecture=plan_config["architecture"],
+                  num_channels=num_channels, num_classes=num_classes, plan_configuration=plan_config,
+                  description={"task": "Task990_Synthetic3D", "fold": run_dir.name.removeprefix("fold_"),
+                               "inference_weights": inference_weights}, privacy_report=report or REPORT)
+    write_json(report or REPORT, run_dir / "release" / "privacy_report.json")
+    return weights
 
 
 def _plan(task_id: int, configuration: str) -> None:
@@ -349,14 +351,12 @@ def test_predict_2d_multichannel_msd_and_nnunet_naming(task2d, tmp_path):
         assert np.array_equal(a, b) and ga.matches(gb) == []
 
 
-def test_ema_or_final_weights_are_used_as_the_checkpoint_says(task3d, tmp_path):
+def test_the_release_file_carries_the_weights_the_run_chose(task3d, tmp_path):
     pc = task3d["plan"]
     for which in ("ema", "final"):
         run = tmp_path / which
-        _trained_like_checkpoint(run, pc, 1, 3, seed=5, inference_weights=which)
-        state = torch.load(run / "checkpoint_final.pt", weights_only=True)
-        expected = state["ema"]["shadow"] if which == "ema" else state["weights"]
-        model = load_fold_model(run / "checkpoint_final.pt", "0")
+        expected = _trained_like_checkpoint(run, pc, 1, 3, seed=5, inference_weights=which)
+        model = load_fold_model(run / "release" / "model_release.pt", "0")
         assert model.weights_used == which
         got = model.network.state_dict()
         assert set(got) == set(expected)
@@ -429,7 +429,8 @@ def test_cli_errors_exit_nonzero_and_leave_no_files(task3d, task2d, roots, tmp_p
     runs = {
         "fold": (["-i", str(images), "-f", "0", "7"], "fold '7' does not exist"),
         "checkpoint": (["-i", str(images), "-f", "0", "3"],
-                       f"{task3d['run'] / 'fold_3' / 'checkpoint_final.pt'} not found: train fold 3 with dpunet_train"),
+                       f"{task3d['run'] / 'fold_3' / 'release' / 'model_release.pt'} not found: train fold 3 with "
+                       f"dpunet_train"),
         "channels": (["-i", str(wrong), "-f", "0"], f"{wrong / 'b_case.nii.gz'}: image has 2 channel(s)"),
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "dpunet.inference.cli", *args, "-o", str(tmp_path / name),

@@ -63,10 +63,10 @@ def test_fine_tuning_starts_from_the_public_weights_and_reports_them(env, tmp_pa
     assert all(torch.equal(start[k], pretrained[k]) for k in pretrained)
     assert all(torch.equal(trainer.ema.shadow[k], pretrained[k].float()) for k in pretrained)
     trainer.run()
-    report = json.loads((trainer.output_dir / "privacy_report.json").read_text())
+    report = json.loads((trainer.output_dir / "release" / "privacy_report.json").read_text())
     (entry,) = report["public_data_and_priors"]
     assert weights_sha256(pretrained) in entry and "random processes" in entry
-    run_config = json.loads((trainer.output_dir / "run_config.json").read_text())
+    run_config = json.loads((trainer.output_dir / "private" / "run_config.json").read_text())
     assert run_config["initial_weights"]["tensors_kept_at_initialisation"] == []
 
 
@@ -94,7 +94,10 @@ def test_init_from_a_run_on_the_same_private_task_is_refused(env, tmp_path):
     first = make_trainer(tmp_path / "a", configuration="2d", steps=1)
     first.run()
     with pytest.raises(DpunetError, match="trained on .* itself.*private"):
-        make_trainer(tmp_path / "b", configuration="2d", init_from=str(first.output_dir / "checkpoint_final.pt"))
+        make_trainer(tmp_path / "b", configuration="2d", init_from=str(first.output_dir / "release" / "model_release.pt"))
+    with pytest.raises(DpunetError, match="trained on .* itself.*private"):
+        make_trainer(tmp_path / "c", configuration="2d",
+                     init_from=str(first.output_dir / "private" / "checkpoint_latest.pt"))
 
 
 def test_init_from_a_missing_or_foreign_file_names_it(env, tmp_path):

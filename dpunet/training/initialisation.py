@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpunet.release import load_release
+from dpunet.release.model_file import FORMAT as RELEASE_FORMAT
 from dpunet.training.checkpoint import load_checkpoint
 from dpunet.utils.errors import DpunetError
 
@@ -51,11 +53,26 @@ def describe_source(state: dict[str, Any]) -> str:
            f"epsilon {eps}), declared public by the user"
 
 
+def _read_weights_file(path: Path) -> dict[str, Any]:
+    """A dpunet checkpoint (pretraining, resumption) or a release model file, as a checkpoint-like record."""
+    try:
+        return load_checkpoint(path)
+    except DpunetError as not_a_checkpoint:
+        try:
+            released = load_release(path)
+        except DpunetError:
+            raise not_a_checkpoint from None
+    meta = released.metadata
+    return {"weights": released.weights, "format": RELEASE_FORMAT,
+            "config": {"task": meta.get("task"), "configuration": meta.get("configuration"),
+                       "fold": meta.get("fold"), "epsilon": meta.get("privacy", {}).get("target_epsilon", "?")}}
+
+
 def load_initial_weights(model: nn.Module, path: str | Path, task_name: str) -> dict[str, Any]:
     """Copy the checkpoint's weights into `model` (same names and shapes; heads may differ) and return the
     provenance record the privacy report lists."""
     path = Path(path)
-    state = load_checkpoint(path)
+    state = _read_weights_file(path)
     source_task = state.get("config", {}).get("task")
     if source_task == task_name and not state.get("public_source"):
         raise DpunetError(f"--init-from {path}: that checkpoint was trained on {task_name} itself, whose patients "
