@@ -68,7 +68,7 @@ def _train(task: str, configuration: str, epsilon: float, args: argparse.Namespa
     output_dir = run_directory(cfg)
     if random_init:  # a run folder of its own, next to the default run (pretrained on random images)
         output_dir = output_dir.parent.with_name(output_dir.parent.name + "__random_init") / output_dir.name
-    if (output_dir / "checkpoint_final.pt").is_file() or (output_dir / "checkpoint_latest.pt").is_file():
+    if output_dir.is_dir():
         import shutil
 
         shutil.rmtree(output_dir)  # the demo always starts fresh
@@ -96,7 +96,7 @@ def _print_results(results: dict[str, dict[str, Any]], predictions: dict[float, 
         print(f"  epsilon PRV {r['epsilon']['prv']:.3f}, RDP {r['epsilon']['rdp']:.3f}, delta {r['delta']:g}; "
               f"N {r['num_patients']} patients, q {r['sample_rate']:.3f}, T {r['steps_taken']}, "
               f"K {r['patches_per_patient']}, sigma {r['noise_multiplier']:.3f}, C {r['clip_norm']:g}")
-        print(f"  report: {result['output_dir']}/privacy_report.md")
+        print(f"  report: {result['output_dir']}/release/privacy_report.md (release/ may be shared; private/ not)")
         print(f"  public data: {r['public_data_and_priors'][0]}")
     for eps, pred in predictions.items():
         print(f"predictions (eps {eps:g}): {len(pred.written)} NIfTI files in {pred.output_folder}")
