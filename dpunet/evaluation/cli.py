@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 from dpunet.dataset.msd import load_task
 from dpunet.evaluation.evaluate import evaluate_folder, list_segmentations, write_summary
 from dpunet.evaluation.metrics import EMPTY_BOTH_RULES
+from dpunet.inference.case_io import INCOMPLETE_MARKER
 from dpunet.paths import raw_root, resolve_task
 from dpunet.utils.errors import DpunetError, cli_entry, warn
 from dpunet.utils.files import check_output_file
@@ -66,6 +67,9 @@ def format_table(summary: dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     output = check_output_file(args.output if args.output is not None else args.pred / "summary.json")
+    if (args.pred / INCOMPLETE_MARKER).exists():
+        raise DpunetError(f"{args.pred}: holds {INCOMPLETE_MARKER}: dpunet_predict did not finish this folder "
+                          f"(killed or failed); rerun the prediction first")
     declared = None
     if args.task is not None:
         if args.ignore_label is not None:

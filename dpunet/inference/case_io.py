@@ -8,10 +8,17 @@ A folder is read as nnU-Net style when every image name ends in `_XXXX` and each
 the MSD archives) are skipped.
 
 The functions here run in worker processes (no torch import): everything they return is picklable.
+
+Every input file passes the integrity check of dpunet_verify_dataset (`check_test_image`: readable, complete,
+finite, no dimension of size 0) before anything is written. While dpunet_predict writes an output folder, the
+folder holds INCOMPLETE_MARKER; the privacy note is written last and the marker then removed, so a folder
+with the marker (or without a privacy note) is not a finished prediction.
 """
 from __future__ import annotations
 
+import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,11 +27,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from dpunet.dataset.io import Geometry, read_image, write_segmentation
+from dpunet.dataset.verify import check_test_image
 from dpunet.preprocessing.preprocessor import preprocess_array, restore_probabilities
 from dpunet.utils.errors import DpunetError
-from dpunet.utils.files import save_npz, write_json
+from dpunet.utils.files import save_npz, write_json, write_text
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii")
+INCOMPLETE_MARKER = "PREDICTION_INCOMPLETE.txt"
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -99,6 +108,26 @@ def check_input_channels(cases: Sequence[InputCase], num_channels: int) -> None:
             found = channels_in_file(case.files[0])
             if found != num_channels:
                 raise DpunetError(f"{case.files[0]}: image has {found} channel(s), the model expects {num_channels}")
+
+
+def input_case_problems(case: InputCase, num_channels: int) -> list[str]:
+    """The verification's problems of every file of a case (an nnU-Net channel file holds one channel)."""
+    per_file = num_channels if len(case.files) == 1 else 1
+    return [p for path in case.files for p in check_test_image(path, per_file)]
+
+
+def mark_incomplete(output_folder: Path) -> Path:
+    """Write the marker that says this folder is being written (removed by `mark_complete`)."""
+    marker = output_folder / INCOMPLETE_MARKER
+    write_text(f"dpunet_predict started writing this folder at {time.strftime('%Y-%m-%d %H:%M:%S')} (process "
+               f"{os.getpid()}) and has not finished: the segmentations here may be fewer than the inputs and the "
+               f"privacy note is missing. Rerun dpunet_predict into this folder; it removes this file when done.\n",
+               marker)
+    return marker
+
+
+def mark_complete(output_folder: Path) -> None:
+    (output_folder / INCOMPLETE_MARKER).unlink(missing_ok=True)
 
 
 def load_input_case(case: InputCase) -> tuple[np.ndarray, Geometry]:

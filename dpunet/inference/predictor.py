@@ -4,12 +4,14 @@ Per case: read (MSD or nnU-Net channel naming) -> preprocess exactly as in train
 stored in the checkpoint) -> sliding window per fold model (Gaussian tiles, mirroring TTA over the plan's
 mirror axes) -> softmax averaged over the folds -> preprocessing undone on the probabilities -> argmax ->
 `<case>.nii.gz` in the input's geometry. Worker processes read/preprocess and restore/write; the networks run
-in the main process. Every file in the output folder is written atomically, and every input is checked
-before anything is written. The output folder also receives the ensemble's privacy note.
+in the main process, and the workers end when it dies. Every file in the output folder is written atomically,
+and every input is checked (the verification's integrity checks) before anything is written. The output
+folder receives the ensemble's privacy note last; until then it holds the PREDICTION_INCOMPLETE.txt marker.
 """
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from dpunet.architectures import build_network
 from dpunet.evaluation.cross_validation import format_epsilon, run_folder_name
 from dpunet.inference.case_io import (InputCase, check_input_channels, export_prediction, find_input_cases,
-                                      preprocess_input_case)
+                                      input_case_problems, mark_complete, mark_incomplete, preprocess_input_case)
 from dpunet.inference.ensemble_privacy import (case_to_patient_map, ensemble_privacy_note, read_model_privacy,
                                                training_membership, write_privacy_note)
 from dpunet.inference.sliding_window import predict_case
@@ -33,7 +35,8 @@ from dpunet.preprocessing.preprocessor import config_fingerprint
 from dpunet.release import (CHECKPOINT_FILE, MODEL_FILE, load_release, network_from_release, private_folder,
                             release_folder)
 from dpunet.utils.errors import DpunetError
-from dpunet.utils.files import load_json
+from dpunet.utils.files import check_output_folder, load_json
+from dpunet.utils.processes import exit_with_parent
 
 DEFAULT_FOLDS = ("0", "1", "2", "3", "4")
 DEFAULT_NUM_FOLDS = 5  # when splits_final.json is not at hand
@@ -224,7 +227,17 @@ def _make_executor(num_processes: int) -> Any:
     if num_processes <= 1:
         return _InlineExecutor()
     # spawn: the parent holds torch (threads, maybe CUDA), which forked children must not inherit
-    return ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
+
+
+def check_inputs(cases: Sequence[InputCase], num_channels: int, executor: Any) -> None:
+    """Refuse the whole folder, listing every problem, if any input fails the integrity check."""
+    futures = [executor.submit(input_case_problems, case, num_channels) for case in cases]
+    problems = [p for f in futures for p in f.result()]
+    if problems:
+        raise DpunetError(f"{len(problems)} problem(s) in the input images (nothing was written):\n"
+                          + "\n".join(f"  {p}" for p in problems))
 
 
 # ------------------------------------------------------------------------------------------ privacy note
@@ -267,10 +280,11 @@ def predict_folder(input_folder: str | Path, output_folder: str | Path, task: st
                    save_probabilities: bool = False, tile_batch_size: int = 4, progress: bool = True,
                    ) -> PredictionResult:
     """Segment every case in `input_folder` into `output_folder` with the ensemble of the chosen folds of
-    run <arch>__<configuration>__eps<epsilon>; also writes privacy_note.json/.md there."""
+    run <arch>__<configuration>__eps<epsilon>; also writes privacy_note.json/.md there, last."""
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     if not 0 < step_size <= 1:
         raise DpunetError(f"step size must be in (0, 1], got {step_size}")
+    check_output_folder(output_folder)
     if output_folder.resolve() == input_folder.resolve():
         raise DpunetError(f"{output_folder}: the output folder must differ from the input folder")
     torch_device = _pick_device(device)
@@ -279,25 +293,33 @@ def predict_folder(input_folder: str | Path, output_folder: str | Path, task: st
     num_channels = models[0].num_channels
     check_input_channels(cases, num_channels)
     note = build_privacy_note(task_name, configuration, arch, epsilon, models)
-
-    output_folder.mkdir(parents=True, exist_ok=True)
-    write_privacy_note(note, output_folder)
     ensemble = EnsemblePredictor(models, PredictionSettings(step_size, use_mirroring, tile_batch_size))
     plan_configuration = models[0].plan_configuration
     metadata = {"task": task_name, "configuration": configuration, "arch": arch,
                 "epsilon_target": format_epsilon(epsilon), "folds": [m.fold for m in models]}
     result = PredictionResult(output_folder, [c.case_id for c in cases], privacy_note=note)
-    _run_pipeline(cases, ensemble, plan_configuration, num_channels, output_folder, save_probabilities, metadata,
-                  num_processes, progress, result)
+    executor = _make_executor(num_processes)
+    try:
+        check_inputs(cases, num_channels, executor)
+        output_folder.mkdir(parents=True, exist_ok=True)
+        # a kill from here on leaves the marker and no privacy note (an earlier run's note is removed first)
+        mark_incomplete(output_folder)
+        for stale in ("privacy_note.json", "privacy_note.md"):
+            (output_folder / stale).unlink(missing_ok=True)
+        _run_pipeline(cases, ensemble, plan_configuration, num_channels, output_folder, save_probabilities,
+                      metadata, num_processes, progress, result, executor)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+    write_privacy_note(note, output_folder)
+    mark_complete(output_folder)
     return result
 
 
 def _run_pipeline(cases: Sequence[InputCase], ensemble: EnsemblePredictor, plan_configuration: dict[str, Any],
                   num_channels: int, output_folder: Path, save_probabilities: bool, metadata: dict[str, Any],
-                  num_processes: int, progress: bool, result: PredictionResult) -> None:
+                  num_processes: int, progress: bool, result: PredictionResult, executor: Any) -> None:
     """Preprocess ahead in workers, predict in order here, export in workers; bounded queues keep at most
     a few cases in memory."""
-    executor = _make_executor(num_processes)
     look_ahead = max(1, num_processes)
     pending: deque[tuple[InputCase, Future]] = deque()
     exports: deque[Future] = deque()
@@ -308,19 +330,16 @@ def _run_pipeline(cases: Sequence[InputCase], ensemble: EnsemblePredictor, plan_
         if case is not None:
             pending.append((case, executor.submit(preprocess_input_case, case, plan_configuration, num_channels)))
 
-    try:
-        for _ in range(look_ahead + 1):
-            queue_next()
-        for _ in tqdm(range(len(cases)), desc="predict", unit="case", disable=not progress):
-            case, future = pending.popleft()
-            data, properties = future.result()
-            queue_next()
-            probabilities = ensemble.predict(data)
-            exports.append(executor.submit(export_prediction, probabilities, properties, plan_configuration,
-                                           output_folder, save_probabilities, metadata))
-            while len(exports) > look_ahead or (exports and exports[0].done()):
-                result.written += exports.popleft().result()
-        while exports:
+    for _ in range(look_ahead + 1):
+        queue_next()
+    for _ in tqdm(range(len(cases)), desc="predict", unit="case", disable=not progress):
+        case, future = pending.popleft()
+        data, properties = future.result()
+        queue_next()
+        probabilities = ensemble.predict(data)
+        exports.append(executor.submit(export_prediction, probabilities, properties, plan_configuration,
+                                       output_folder, save_probabilities, metadata))
+        while len(exports) > look_ahead or (exports and exports[0].done()):
             result.written += exports.popleft().result()
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+    while exports:
+        result.written += exports.popleft().result()
