@@ -16,6 +16,7 @@ from dpunet.dataset.msd import load_task
 from dpunet.fingerprint.extract import extract_fingerprint
 from dpunet.planning.planner import plan_experiment
 from dpunet.planning.splits import make_splits
+from dpunet.privacy.randomness import PrivateRandomness
 from dpunet.planning.topology import fullres_target_spacing, plan_topology
 from dpunet.utils.errors import DpunetError
 from tests.conftest import shared_path
@@ -118,7 +119,8 @@ def test_ct_statistics_dp_estimate_is_charged(synthetic_task, tmp_path):
     again = extract_fingerprint(task, ct_statistics="dp", ct_epsilon=0.5, ct_delta=1e-6)["intensity"]["0"]
     assert (again["mean"], again["std"]) != (info["mean"], info["std"])
     seeded = [extract_fingerprint(task, ct_statistics="dp", ct_epsilon=0.5, ct_delta=1e-6,
-                                  rng=np.random.default_rng(1))["intensity"]["0"]["mean"] for _ in range(2)]
+                                  randomness=PrivateRandomness.insecure_from_seed(1))["intensity"]["0"]["mean"]
+              for _ in range(2)]
     assert seeded[0] == seeded[1]
     fp_prior = extract_fingerprint(task, ct_statistics="prior")
     assert fp_prior["privacy"]["epsilon"] == 0.0 and fp_prior["intensity"]["0"]["source"].startswith("public")

@@ -207,6 +207,9 @@ def test_fingerprint_noise_cannot_be_undone():
     recovered = (release.means - centre) / half * max(len(data) + noise_count, 1.0) - noise_sum
     exact = ((np.clip(data, lower, upper) - centre) / half).sum(0)
     assert np.abs(recovered - exact).max() > 1.0  # off by the noise (std ~ 70), not by rounding
+    # and a public seed cannot be handed in by mistake
+    with pytest.raises(TypeError, match="PrivateRandomness"):
+        dp_bounded_means(data, lower, upper, 0.1, 1e-6, np.random.default_rng(0))
 
 
 # ------------------------------------------------------------------------------- same command, other noise

@@ -21,7 +21,7 @@ import dpunet
 from dpunet.dataset.io import read_image, read_label
 from dpunet.dataset.msd import Case, TaskInfo
 from dpunet.preprocessing.cropping import bounding_box, nonzero_mask
-from dpunet.privacy.randomness import secure_numpy_generator
+from dpunet.privacy.randomness import PrivateRandomness
 from dpunet.privacy.statistics import dp_bounded_means
 from dpunet.utils.files import write_json
 
@@ -58,10 +58,10 @@ def _median(values: list[list[float]]) -> list[float]:
 
 def extract_fingerprint(task: TaskInfo, num_processes: int = 1, ct_statistics: str = "prior",
                         ct_epsilon: float = 0.1, ct_delta: float = 1e-6,
-                        rng: np.random.Generator | None = None) -> dict[str, Any]:
+                        randomness: PrivateRandomness | None = None) -> dict[str, Any]:
     """Fingerprint of the task's training cases. `ct_statistics`: "prior" (declared public window) or "dp".
-    The DP statistics' noise comes from `rng`, by default seeded from the operating system's entropy: a public
-    seed would let anyone subtract the noise (pass a seeded generator only in tests)."""
+    The DP statistics' noise comes from `randomness`, by default a fresh key from the operating system's entropy:
+    a public seed would let anyone subtract the noise (PrivateRandomness.insecure_from_seed only in tests)."""
     is_ct = [name.strip().upper() == "CT" for _, name in sorted(task.channel_names.items())]
     ct_window = tuple(CT_PRIOR["window"]) if any(is_ct) and ct_statistics == "dp" else None
     args = [(c, task.label_values, ct_window) for c in task.training]
@@ -86,7 +86,7 @@ def extract_fingerprint(task: TaskInfo, num_processes: int = 1, ct_statistics: s
             vectors = np.array([np.mean(v, axis=0) for v in per_patient.values()])
             lo, hi = CT_PRIOR["window"]
             release = dp_bounded_means(vectors, np.array([lo, 0.0]), np.array([hi, (hi - lo) / 2]),
-                                       ct_epsilon, ct_delta, rng or secure_numpy_generator())
+                                       ct_epsilon, ct_delta, randomness)
             intensity[str(ch)] = {"scheme": "ct_window", "window": [lo, hi], "mean": float(release.means[0]),
                                   "std": float(max(release.means[1], 1.0)), "source": "DP estimate",
                                   "epsilon": release.epsilon, "delta": release.delta,

@@ -103,8 +103,3 @@ def hardened_normal_numpy(size: int | tuple[int, ...], std: float, rng: np.rando
     """The numpy twin of `hardened_normal`, for DP statistics outside DP-SGD."""
     rng.normal(0.0, std)  # discarded
     return sum(rng.normal(0.0, std, size=size) for _ in range(HARDENED_DRAWS)) / 2.0
-
-
-def secure_numpy_generator() -> np.random.Generator:
-    """A numpy generator seeded with 128 bits of OS entropy (for one-off DP releases such as the fingerprint)."""
-    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))

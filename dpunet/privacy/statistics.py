@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpunet.privacy.randomness import hardened_normal_numpy, secure_numpy_generator
+from dpunet.privacy.randomness import PrivateRandomness, hardened_normal_numpy
 from dpunet.utils.errors import DpunetError
 
 
@@ -26,10 +26,13 @@ class DPMeansRelease:
 
 
 def dp_bounded_means(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, epsilon: float, delta: float,
-                     rng: np.random.Generator | None = None, accountant: str = "prv") -> DPMeansRelease:
+                     randomness: PrivateRandomness | None = None, accountant: str = "prv") -> DPMeansRelease:
     """(epsilon, delta)-DP means of per-patient vectors `values` (n, d), each column clipped to [lower, upper].
-    The noise is hardened (dpunet.privacy.randomness) and drawn from `rng`, by default a generator seeded from the
-    operating system's entropy; a seeded generator makes the release reproducible and therefore not private."""
+    The noise is hardened and drawn from `randomness` (dpunet.privacy.randomness), by default a fresh key from the
+    operating system's entropy. A generator or seed is refused: a public seed would let anyone subtract the noise
+    (`PrivateRandomness.insecure_from_seed` makes that explicit, for tests)."""
+    if randomness is not None and not isinstance(randomness, PrivateRandomness):
+        raise TypeError("dp_bounded_means needs a PrivateRandomness (never a seeded generator)")
     from dpunet.privacy.accounting import calibrate_noise_multiplier
 
     values = np.atleast_2d(np.asarray(values, dtype=np.float64))
@@ -41,7 +44,7 @@ def dp_bounded_means(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, e
     d = values.shape[1]
     sigma = calibrate_noise_multiplier(epsilon, delta, sample_rate=1.0, steps=1, accountant=accountant)
     std = sigma * np.sqrt(d + 1)
-    rng = rng or secure_numpy_generator()
+    rng = (randomness or PrivateRandomness.secure()).numpy_generator("dp statistics", 0)
     noisy_sum = scaled.sum(0) + hardened_normal_numpy(d, std, rng)
     noisy_count = len(values) + float(hardened_normal_numpy(1, std, rng)[0])
     count = max(noisy_count, 1.0)
