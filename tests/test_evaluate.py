@@ -224,14 +224,14 @@ def _make_run(run_dir: Path, with_privacy=(0, 1, 2, 3)) -> dict[int, dict[str, l
         if f == 1:
             values["2"][0] = math.nan  # undefined in one case
         dice_by_fold[f] = values
-        write_json(_fold_summary(f, values, settings), run_dir / f"fold_{f}" / "validation" / "summary.json")
+        write_json(_fold_summary(f, values, settings), run_dir / f"fold_{f}" / "private" / "validation" / "summary.json")
         if f in with_privacy:
             report = build_privacy_report(num_patients=160, sample_rate=0.2, noise_multiplier=1.0 + 0.01 * f,
                                           clip_norm=1.0, delta=1e-5, target_epsilon=8.0, steps_planned=50,
                                           patches_per_patient=2, steps_taken=50)
             if f == 3:
                 del report["clip_norm"]
-            write_json(report, run_dir / f"fold_{f}" / "privacy_report.json")
+            write_json(report, run_dir / f"fold_{f}" / "release" / "privacy_report.json")
     return dice_by_fold
 
 
@@ -273,13 +273,13 @@ def test_cross_validation_errors(tmp_path):
     _make_run(run_dir)
     with pytest.raises(DpunetError, match="fold_5"):
         summarize_cross_validation(run_dir, [0, 5])
-    dup = load_json(run_dir / "fold_0" / "validation" / "summary.json")
-    write_json(dup, run_dir / "fold_1" / "validation" / "summary.json")
+    dup = load_json(run_dir / "fold_0" / "private" / "validation" / "summary.json")
+    write_json(dup, run_dir / "fold_1" / "private" / "validation" / "summary.json")
     with pytest.raises(DpunetError, match="c0_0.*fold 0"):
         summarize_cross_validation(run_dir, [0, 1])
-    other = load_json(run_dir / "fold_2" / "validation" / "summary.json")
+    other = load_json(run_dir / "fold_2" / "private" / "validation" / "summary.json")
     other["settings"]["nsd_tolerance_mm"] = 2.0
-    write_json(other, run_dir / "fold_2" / "validation" / "summary.json")
+    write_json(other, run_dir / "fold_2" / "private" / "validation" / "summary.json")
     with pytest.raises(DpunetError, match="settings differ"):
         summarize_cross_validation(run_dir, [3, 2])
 
