@@ -158,3 +158,29 @@ def test_plan_and_preprocess_converted_natural_image_tasks(tmp_path, converter, 
         assert plans["ignore_label"] == 11 and plans["background_label"] is None and plans["num_classes"] == 11
     npz = np.load(sorted((out / "2d").glob("*.npz"))[0])
     assert npz["data"].shape[0] == channels and npz["data"].shape[1] == 1
+
+
+def test_resume_redoes_the_cases_whose_raw_files_changed(task_dir, tmp_path):
+    import shutil
+
+    from dpunet.preprocessing.preprocessor import preprocess_cases
+
+    copy = tmp_path / task_dir.name
+    shutil.copytree(task_dir, copy)
+    cases, out, config = load_task(copy).training[:3], tmp_path / "pre", _config([3.0, 1.0, 1.0])
+    assert preprocess_cases(cases, config, [1, 2], out) == {"done": 3, "skipped": 0}
+    assert preprocess_cases(cases, config, [1, 2], out) == {"done": 0, "skipped": 3}
+    # a label file edited after preprocessing: that case is redone with its new labels
+    seg, geometry = read_label(cases[1].label)
+    write_segmentation(np.where(seg == 2, 1, seg), geometry, cases[1].label)
+    assert preprocess_cases(cases, config, [1, 2], out) == {"done": 1, "skipped": 2}
+    assert 2 not in np.unique(np.load(out / f"{cases[1].case_id}.npz")["seg"])
+    # same size and modification time, other bytes (the gzip header's own timestamp): the content hash notices
+    image, info = cases[2].image, cases[2].image.stat()
+    data = bytearray(image.read_bytes())
+    data[4] ^= 1
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert image.stat().st_size == info.st_size and image.stat().st_mtime_ns == info.st_mtime_ns
+    assert preprocess_cases(cases, config, [1, 2], out) == {"done": 1, "skipped": 2}
+    assert preprocess_cases(cases, config, [1, 2], out) == {"done": 0, "skipped": 3}

@@ -3,6 +3,10 @@
 Forward (per case): crop to non-zero -> normalise -> resample to the configuration's spacing (2d: in-plane
 only). Everything needed to go back is stored in the case's properties: original geometry, crop box, shape
 after crop. `restore_probabilities` / `restore_segmentation` are the exact inverse on geometry.
+
+Resuming: a preprocessed case is reused only when the plan entries (`config_fingerprint`) and its raw files
+(size, modification time and SHA-256 of the image and the label, `raw_files_stamp`) are what it was made from;
+a raw file that changed since is preprocessed again.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from dpunet.preprocessing.cropping import crop_to_box, bounding_box, nonzero_mas
 from dpunet.preprocessing.normalization import normalise
 from dpunet.preprocessing.resampling import (new_shape_for_spacing, resample_data, resample_segmentation,
                                              separate_axis)
-from dpunet.utils.files import load_json, save_npz, write_json
+from dpunet.utils.files import file_sha256, load_json, save_npz, write_json
 
 MAX_LOCATIONS_PER_CLASS = 1000
 
@@ -111,6 +115,26 @@ def restore_segmentation(seg: np.ndarray, properties: dict[str, Any], config: di
     return paste_into_box(cropped, properties["crop_box"], tuple(properties["original_geometry"]["shape"]), fill=0)
 
 
+def raw_files_stamp(case: Case) -> list[dict[str, Any]]:
+    """What identifies the raw files of a case for resuming: path, size, mtime and content hash of each."""
+    stamp = []
+    for path in (case.image, case.label):
+        if path is None:
+            continue
+        info = Path(path).stat()
+        stamp.append({"file": str(path), "size": info.st_size, "mtime_ns": info.st_mtime_ns,
+                      "sha256": file_sha256(path)})
+    return stamp
+
+
+def _is_done(props_path: Path, config_stamp: str, raw_stamp: list[dict[str, Any]]) -> bool:
+    try:
+        props = load_json(props_path)
+    except ValueError:
+        return False  # a damaged properties file: redo the case
+    return props.get("config_fingerprint") == config_stamp and props.get("raw_files") == raw_stamp
+
+
 def _stable_seed(text: str) -> int:
     return zlib.crc32(text.encode())
 
@@ -120,12 +144,9 @@ def preprocess_case(case: Case, config: dict[str, Any], foreground_labels: Seque
     """Preprocess one training case into out_dir/<case>.npz + .json; returns 'done' or 'skipped'."""
     npz, props_path = out_dir / f"{case.case_id}.npz", out_dir / f"{case.case_id}.json"
     stamp = config_fingerprint(config)
-    if not overwrite and npz.is_file() and props_path.is_file():
-        try:
-            if load_json(props_path).get("config_fingerprint") == stamp:
-                return "skipped"
-        except ValueError:
-            pass  # a damaged properties file: redo the case
+    raw_stamp = raw_files_stamp(case)  # taken before reading: a file changed meanwhile is redone next time
+    if not overwrite and npz.is_file() and props_path.is_file() and _is_done(props_path, stamp, raw_stamp):
+        return "skipped"
     data, geometry = read_image(case.image)
     seg, _ = read_label(case.label)
     data, seg, properties = preprocess_array(data, geometry, config, seg)
@@ -133,6 +154,7 @@ def preprocess_case(case: Case, config: dict[str, Any], foreground_labels: Seque
         "case_id": case.case_id,
         "patient_id": case.patient_id,
         "config_fingerprint": stamp,
+        "raw_files": raw_stamp,
         "class_locations": _class_locations(seg, foreground_labels, _stable_seed(case.case_id)),
     })
     save_npz(npz, data=data.astype(np.float32), seg=seg[None].astype(np.int16))
