@@ -39,6 +39,7 @@ setup(
             "dpunet_demo=dpunet.demo:main",
             "dpunet_bench_engine=dpunet.benchmark.engine_bench:main",
             "dpunet_bench_loader=dpunet.benchmark.loader_bench:main",
+            "dpunet_audit=dpunet.audit.cli:main",
         ]
     },
 )

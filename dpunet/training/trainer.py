@@ -88,8 +88,11 @@ RESUME_FIXED_OPTIONS = ("arch", "width", "trainable", "init_from", "pretraining_
 class DPTrainer:
     """Owns one run: model, engine, optimiser, EMA, sampler, ledger, logs. Public: run()."""
 
-    def __init__(self, cfg: TrainingConfig, output_dir: Path | None = None) -> None:
+    def __init__(self, cfg: TrainingConfig, output_dir: Path | None = None, canaries: Any = None) -> None:
+        """`canaries`: dpunet.audit.DiracCanaries, for `dpunet_audit` only: extra patients of the Poisson sampler
+        whose clipped gradients are added to the step's sum (they count in N like any patient)."""
         self.cfg = cfg
+        self.canaries = canaries
         self.task_name, self.plans, self.plan_config, splits, self.task = load_training_inputs(cfg.task,
                                                                                                 cfg.configuration)
         cfg.task = self.task_name
@@ -105,7 +108,7 @@ class DPTrainer:
         overlap = {case_patient[c] for c in self.val_cases} & set(self.patients)
         if overlap:
             raise DpunetError(f"patients {sorted(overlap)[:5]} are in both training and validation of fold {cfg.fold}")
-        self.num_patients = len(self.patients)
+        self.num_patients = len(self.patients) + (len(canaries.included_ids) if canaries else 0)
         self._plan_privacy()
         self._build_model()
         self._build_data()
@@ -132,7 +135,8 @@ class DPTrainer:
             self.noise_multiplier = 0.0
         self.ledger = PrivacyLedger(self.noise_multiplier, self.sample_rate)
         self.randomness = self._session_randomness()
-        self.sampler = PoissonPatientSampler(sorted(self.patients), self.sample_rate, self.randomness)
+        canary_ids = self.canaries.included_ids if self.canaries else []
+        self.sampler = PoissonPatientSampler(sorted(self.patients) + canary_ids, self.sample_rate, self.randomness)
 
     def _fingerprint_budget(self) -> tuple[float, float]:
         """(epsilon, delta) the plan's DP fingerprint statistics spent on this data (0, 0 when none)."""
@@ -252,8 +256,9 @@ class DPTrainer:
         while len(self.pending) < depth and next_step < self.cfg.steps:
             patients = self.sampler.sample(next_step)
             self.pending.append((next_step, patients))
+            real = [p for p in patients if p in self.patients]  # audit canaries have no images
             # distributed: every rank drew the same patients; its loader builds only this rank's shard
-            self.loader.submit(next_step, iterate_micro_batches(distributed.shard(patients),
+            self.loader.submit(next_step, iterate_micro_batches(distributed.shard(real),
                                                                 self.patients_per_micro_batch))
             next_step += 1
 
@@ -277,6 +282,9 @@ class DPTrainer:
             loss_sum += stats.loss_sum
             clipped += stats.num_clipped
             nonfinite += stats.num_nonfinite
+        if self.canaries is not None and distributed.is_main_process():  # once, before the sum over ranks
+            self.canaries.add_to_sum(self.engine.summed_grad, [p for p in patients if self.canaries.is_canary(p)],
+                                     cfg.clip_norm if cfg.private else None)
         # ---- distributed: sum the shards' clipped-gradient sums and statistics over all ranks (no-op in one
         # process). Every rank then adds the SAME noise (identical generator state on every rank) to the same
         # total, so the noise enters exactly once per logical step and all ranks take the same optimiser step.
