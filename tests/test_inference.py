@@ -523,3 +523,18 @@ def test_hippocampus_prediction_has_the_input_geometry(tmp_path, monkeypatch):
         _, g_label = read_label(image.parent.parent / "labelsTr" / f"{case}.nii.gz")
         seg, g_pred = read_label(tmp_path / "out_tr" / f"{case}.nii.gz")
         assert g_label.matches(g_pred) == [] and seg.shape == g_label.shape
+
+
+def test_patient_hash_folds_count_models_without_assuming_the_split():
+    from dpunet.inference.ensemble_privacy import (PATIENT_HASH_NOTE, PATIENT_HASH_SOURCE,
+                                                   patient_hash_membership)
+
+    models = [ModelPrivacy(str(f), True, ((1.0, 0.3, 40),), 1e-5) for f in range(5)]
+    note = ensemble_privacy_note(models, patient_hash_membership([m.fold for m in models], 5), None,
+                                 PATIENT_HASH_SOURCE)
+    # all five folds: every patient, whatever its id, trains exactly four of them
+    assert note["max_models_per_patient"] == 4 and PATIENT_HASH_NOTE in note["notes"]
+    assert note["epsilon"]["prv"] == pytest.approx(epsilon_for_repeated_training(1.0, 0.3, 40, 4, 1e-5))
+    # folds 0 and 1 only: a patient of fold 2, 3 or 4 (or one added there) trains both
+    two = ensemble_privacy_note(models[:2], patient_hash_membership(["0", "1"], 5), None, PATIENT_HASH_SOURCE)
+    assert two["max_models_per_patient"] == 2

@@ -43,6 +43,13 @@ SPLIT_CAVEAT = (
     "model' is the bound that does not rely on the split."
 )
 
+PATIENT_HASH_NOTE = (
+    "Folds are assigned by patient_hash, a function of each patient's own id: any patient, present or added, is in "
+    "every chosen model except the one validating its own fold, whatever the other patients. The count of models "
+    "per patient is taken over all folds a patient could fall in, so it does not assume the split fixed."
+)
+PATIENT_HASH_SOURCE = "patient_hash folds (worst case over the fold a patient can fall in)"
+
 History = list[tuple[float, float, int]]
 
 
@@ -150,8 +157,14 @@ def _fmt(x: float | str | None) -> str:
     return "∞" if math.isinf(x) else f"{x:.4g}"
 
 
+def patient_hash_membership(folds: Sequence[str], num_folds: int) -> dict[str, frozenset[str]]:
+    """Membership under patient_hash folds for every fold a patient can fall in (fold 'all' trains everyone)."""
+    return {f"any patient of fold {k}": frozenset(f for f in folds if f != str(k)) for k in range(num_folds)}
+
+
 def ensemble_privacy_note(models: Sequence[ModelPrivacy], membership: Mapping[str, frozenset[str]] | None,
-                          context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                          context: Mapping[str, Any] | None = None,
+                          membership_source: str = "splits_final.json") -> dict[str, Any]:
     """The privacy note of predictions made by the ensemble of `models`.
 
     `membership`: patient -> folds whose training held the patient (from `training_membership`); None when
@@ -179,7 +192,7 @@ def ensemble_privacy_note(models: Sequence[ModelPrivacy], membership: Mapping[st
         note["models_per_patient_histogram"] = {}
     else:
         patterns = set(membership.values()) or {frozenset()}
-        note["membership_source"] = "splits_final.json"
+        note["membership_source"] = membership_source
         counts = Counter(len(p) for p in membership.values())
         note["models_per_patient_histogram"] = {str(k): counts[k] for k in sorted(counts)}
     max_models = max(len(p) for p in patterns)
@@ -233,7 +246,7 @@ def ensemble_privacy_note(models: Sequence[ModelPrivacy], membership: Mapping[st
             note["epsilon_if_in_every_model"] = {acc: _json_number(v) for acc, v in every.items()}
         else:
             note["epsilon_if_in_every_model"] = dict(note["epsilon"])
-        note["notes"].append(SPLIT_CAVEAT)
+        note["notes"].append(PATIENT_HASH_NOTE if membership_source == PATIENT_HASH_SOURCE else SPLIT_CAVEAT)
 
     fingerprints = {(m.fingerprint_epsilon, m.fingerprint_delta) for m in models}
     fp_eps, fp_delta = max(fingerprints)

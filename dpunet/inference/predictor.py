@@ -27,8 +27,9 @@ from dpunet.architectures import build_network
 from dpunet.evaluation.cross_validation import format_epsilon, run_folder_name
 from dpunet.inference.case_io import (InputCase, check_input_channels, export_prediction, find_input_cases,
                                       input_case_problems, mark_complete, mark_incomplete, preprocess_input_case)
-from dpunet.inference.ensemble_privacy import (case_to_patient_map, ensemble_privacy_note, read_model_privacy,
-                                               training_membership, write_privacy_note)
+from dpunet.inference.ensemble_privacy import (PATIENT_HASH_SOURCE, case_to_patient_map, ensemble_privacy_note,
+                                               patient_hash_membership, read_model_privacy, training_membership,
+                                               write_privacy_note)
 from dpunet.inference.sliding_window import predict_case
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
 from dpunet.preprocessing.preprocessor import config_fingerprint
@@ -241,18 +242,22 @@ def check_inputs(cases: Sequence[InputCase], num_channels: int, executor: Any) -
 
 
 # ------------------------------------------------------------------------------------------ privacy note
-def _membership(task_name: str, folds: Sequence[str]) -> dict[str, frozenset[str]] | None:
+def _membership(task_name: str, folds: Sequence[str]) -> tuple[dict[str, frozenset[str]] | None, str]:
+    """(patient -> chosen folds that trained on them, where that came from); (None, ...) when unknown."""
     pre = preprocessed_root() / task_name
     splits_path = pre / "splits_final.json"
     if not splits_path.is_file():
-        return None
+        return None, "splits not available"
     splits = load_json(splits_path)
+    plans_path = pre / "dpunet_plans.json"
+    if plans_path.is_file() and load_json(plans_path).get("split_scheme") == "patient_hash":
+        return patient_hash_membership(folds, len(splits)), PATIENT_HASH_SOURCE
     mapping: dict[str, str] = {}
     for folder in (pre, raw_root() / task_name):
         if (folder / "dataset.json").is_file():
             mapping = case_to_patient_map(folder)
             break
-    return training_membership(splits, folds, mapping)
+    return training_membership(splits, folds, mapping), "splits_final.json"
 
 
 def build_privacy_note(task_name: str, configuration: str, arch: str, epsilon: float,
@@ -260,7 +265,8 @@ def build_privacy_note(task_name: str, configuration: str, arch: str, epsilon: f
     privacy = [read_model_privacy(m.fold, m.run_dir / "privacy_report.json") for m in models]
     context = {"task": task_name, "configuration": configuration, "arch": arch,
                "epsilon_target": format_epsilon(epsilon)}
-    return ensemble_privacy_note(privacy, _membership(task_name, [m.fold for m in models]), context)
+    membership, source = _membership(task_name, [m.fold for m in models])
+    return ensemble_privacy_note(privacy, membership, context, source)
 
 
 # ------------------------------------------------------------------------------------------------ API
