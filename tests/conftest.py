@@ -51,3 +51,31 @@ def dpunet_env(tmp_path, monkeypatch) -> dict[str, Path]:
         roots[key].mkdir()
         monkeypatch.setenv(f"DPUNET_{key.upper()}", str(roots[key]))
     return roots
+
+
+def plan_synthetic_task(base: Path, *plan_args: str) -> dict[str, Path]:
+    """The 16-case synthetic task (2 cases per patient, 8 patients) under `base`, planned and preprocessed in
+    process with `dpunet_plan_and_preprocess -t 990 -np 1 *plan_args`; returns DPUNET_* roots."""
+    from dataset_conversion.generate_synthetic import generate_synthetic_task
+    from dpunet import plan_and_preprocess
+
+    roots = {"raw": base / "raw", "preprocessed": base / "pre", "results": base / "res"}
+    generate_synthetic_task(roots["raw"], num_cases=16, cases_per_patient=2, base_shape=(10, 32, 32),
+                            spacing=(2.0, 1.0, 1.0), seed=5)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in roots.items():
+            mp.setenv(f"DPUNET_{k.upper()}", str(v))
+        with pytest.raises(SystemExit) as done:
+            plan_and_preprocess.main(["-t", "990", "-np", "1", *plan_args])
+        assert done.value.code == 0
+    return roots
+
+
+@pytest.fixture
+def use_roots(monkeypatch):
+    """Point DPUNET_* at the given roots for one test: `use_roots(roots)`."""
+    def point(roots: dict[str, Path]) -> dict[str, Path]:
+        for k, v in roots.items():
+            monkeypatch.setenv(f"DPUNET_{k.upper()}", str(v))
+        return roots
+    return point

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset_conversion.generate_synthetic import generate_synthetic_task
 from dpunet.audit.audit import AuditSettings, run_audit
+from tests.conftest import plan_synthetic_task
 
 EPSILON = 2.0
 CANARIES = 2000
@@ -22,26 +22,12 @@ OPTIONS = dict(steps=10, width=0.25, patches_per_patient=1, augmentation=False, 
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory) -> dict[str, Path]:
-    from dpunet import plan_and_preprocess
-
-    base = tmp_path_factory.mktemp("audit")
-    roots = {"raw": base / "raw", "preprocessed": base / "pre", "results": base / "res"}
-    generate_synthetic_task(roots["raw"], num_cases=16, cases_per_patient=2, base_shape=(10, 32, 32),
-                            spacing=(2.0, 1.0, 1.0), seed=5)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in roots.items():
-            mp.setenv(f"DPUNET_{k.upper()}", str(v))
-        with pytest.raises(SystemExit) as done:
-            plan_and_preprocess.main(["-t", "990", "-c", "2d", "--width", "0.25", "-np", "1"])
-        assert done.value.code == 0
-    return roots
+    return plan_synthetic_task(tmp_path_factory.mktemp("audit"), "-c", "2d", "--width", "0.25")
 
 
 @pytest.fixture
-def env(roots, monkeypatch):
-    for k, v in roots.items():
-        monkeypatch.setenv(f"DPUNET_{k.upper()}", str(v))
-    return roots
+def env(roots, use_roots):
+    return use_roots(roots)
 
 
 def audit(tmp_path: Path, broken: str | None) -> dict:

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_conversion.generate_synthetic import generate_synthetic_task
 from dpunet.architectures import apply_preset, build_network, select_trainable
 from dpunet.privacy.randomness import PrivateRandomness, hardened_normal
 from dpunet.privacy.sampling import PoissonPatientSampler
 from dpunet.privacy.statistics import dp_bounded_means
 from dpunet.training.config import merge_plan_and_options
 from dpunet.training.trainer import DPTrainer, load_training_inputs
+from tests.conftest import plan_synthetic_task
 
 DEFAULT_SEED = 0
 STEPS = 6
@@ -28,27 +28,13 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory) -> dict[str, Path]:
-    from dpunet import plan_and_preprocess
-
-    base = tmp_path_factory.mktemp("attacks")
-    roots = {"raw": base / "raw", "preprocessed": base / "pre", "results": base / "res"}
-    generate_synthetic_task(roots["raw"], num_cases=16, cases_per_patient=2, base_shape=(10, 32, 32),
-                            spacing=(2.0, 1.0, 1.0), seed=5)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in roots.items():
-            mp.setenv(f"DPUNET_{k.upper()}", str(v))
-        with pytest.raises(SystemExit) as done:
-            plan_and_preprocess.main(["-t", "990", "-c", "2d", "--width", "0.25", "--steps", str(STEPS),
-                                      "--patients-per-step", "3", "--patches-per-patient", "2", "-np", "1"])
-        assert done.value.code == 0
-    return roots
+    return plan_synthetic_task(tmp_path_factory.mktemp("privacy_attacks"), "-c", "2d", "--width", "0.25", "--steps",
+                               str(STEPS), "--patients-per-step", "3", "--patches-per-patient", "2")
 
 
 @pytest.fixture
-def env(roots, monkeypatch):
-    for k, v in roots.items():
-        monkeypatch.setenv(f"DPUNET_{k.upper()}", str(v))
-    return roots
+def env(roots, use_roots):
+    return use_roots(roots)
 
 
 def train(out: Path, **options) -> tuple[DPTrainer, list[list[str]]]:

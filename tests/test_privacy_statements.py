@@ -8,38 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from dataset_conversion.generate_synthetic import generate_synthetic_task
 from dpunet.planning.dp_plan import DEFAULTS_TUNED_ON_TASK, hyperparameter_statement
 from dpunet.planning.splits import split_statement
 from dpunet.privacy.accounting import epsilon_spent
 from dpunet.training.config import merge_plan_and_options
 from dpunet.training.trainer import DPTrainer, load_training_inputs
 from dpunet.utils.errors import DpunetError
+from tests.conftest import plan_synthetic_task
 
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory) -> dict[str, Path]:
-    from dpunet import plan_and_preprocess
-
-    base = tmp_path_factory.mktemp("statements")
-    roots = {"raw": base / "raw", "preprocessed": base / "pre", "results": base / "res"}
-    generate_synthetic_task(roots["raw"], num_cases=16, cases_per_patient=2, base_shape=(10, 32, 32),
-                            spacing=(2.0, 1.0, 1.0), seed=5)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in roots.items():
-            mp.setenv(f"DPUNET_{k.upper()}", str(v))
-        with pytest.raises(SystemExit) as done:
-            plan_and_preprocess.main(["-t", "990", "-c", "2d", "--width", "0.25", "--steps", "3",
-                                      "--patients-per-step", "3", "--patches-per-patient", "1", "-np", "1"])
-        assert done.value.code == 0
-    return roots
+    return plan_synthetic_task(tmp_path_factory.mktemp("privacy_statements"), "-c", "2d", "--width", "0.25", "--steps", "3",
+                               "--patients-per-step", "3", "--patches-per-patient", "1")
 
 
 @pytest.fixture
-def env(roots, monkeypatch):
-    for k, v in roots.items():
-        monkeypatch.setenv(f"DPUNET_{k.upper()}", str(v))
-    return roots
+def env(roots, use_roots):
+    return use_roots(roots)
 
 
 def _plans_path(roots) -> Path:
