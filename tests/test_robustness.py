@@ -10,13 +10,15 @@ import os
 import stat
 import subprocess
 import sys
-import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dpunet.dataset.io import Geometry, write_segmentation
+from dpunet.privacy.accounting import MAX_EPSILON, calibrate_noise_multiplier
+from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import write_json, write_text
 from tests.conftest import REPO
 
@@ -77,3 +79,13 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mask):
     write_json({"a": 2}, tmp_path / "a.json")
     assert _mode(tmp_path / "a.json") == expected
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp.")]
+
+
+# ----- epsilons beyond the calibrated range ----------------------------------------------------------------------
+@pytest.mark.parametrize("epsilon", [1e6, 1e308, MAX_EPSILON * 1.001])
+def test_epsilon_above_the_maximum_is_refused_at_once(epsilon):
+    start = time.perf_counter()
+    with pytest.raises(DpunetError, match=f"above {MAX_EPSILON:g}.*--eps inf"):
+        calibrate_noise_multiplier(epsilon, 1e-5, 0.5, 150)
+    assert time.perf_counter() - start < 1.0  # before: minutes inside the accountant
+

@@ -196,6 +196,35 @@ def test_unknown_fold_and_configuration_are_clear_errors(env):
         assert proc.returncode != 0 and text in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _train_cli(roots: dict[str, Path], *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dpunet.training.cli", *args], env=_env(roots),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_bad_options_are_one_line_errors(env):
+    runs = {"fold a": (["990", "a", "--eps", "8"], "fold 'a' does not exist"),
+            "fold 1.5": (["990", "1.5", "--eps", "8"], "fold '1.5' does not exist"),
+            "lr": (["990", "0", "--eps", "8", "--lr", "-1"], "--lr must be a positive number"),
+            # before: minutes inside the noise calibration, without a word
+            "eps 1e6": (["990", "0", "--eps", "1e6"], "above 1000"),
+            "eps 1e308": (["990", "0", "--eps", "1e308"], "above 1000")}
+    procs = {name: _train_cli(env, *args) for name, (args, _) in runs.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (name, err[-2000:])
+        assert err.strip().splitlines()[-1].startswith("dpunet error:") and runs[name][1] in err, (name, err)
+        assert "Traceback" not in err, name
+
+
+def test_more_patients_per_step_than_patients_is_clamped_with_a_warning(env, tmp_path):
+    proc = _train_cli({**env, "results": tmp_path / "res"}, "990", "0", "--eps", "inf", "--patients-per-step",
+                      "100", "--steps", "1", "--init-from", "none", "--no-validation", "--no-augmentation",
+                      "--engine", "functorch", "--device", "cpu")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "dpunet warning: --patients-per-step 100 is more than the 6 training patients" in err and "q = 1" in err
+
+
 def test_loader_benchmark_compares_delivery_with_consumption(env, capsys):
     from dpunet.benchmark import loader_bench
 

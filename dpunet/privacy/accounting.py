@@ -39,6 +39,14 @@ PRV_MIN_ABSOLUTE_ERROR = 1e-4
 
 History = list[tuple[float, float, int]]  # (noise multiplier sigma, sample rate q, number of steps)
 
+# The largest target epsilon noise is calibrated for. Beyond it the guarantee (e^epsilon) means nothing, the PRV
+# accountant's numerics break down for the tiny noise needed (it returns inf near sigma 0.2 at q 0.5, T 150) and
+# the search takes many minutes; --eps inf trains without noise through the same code.
+MAX_EPSILON = 1000.0
+# Calibration stops within max(epsilon_tolerance, this * epsilon) below the target: 0.01 up to epsilon 10 as
+# before, and a bounded number of (slow, at large epsilon) PRV evaluations above it.
+CALIBRATION_RELATIVE_TOLERANCE = 1e-3
+
 
 def accountant_info() -> dict[str, Any]:
     """What the privacy report records about the accounting."""
@@ -179,21 +187,30 @@ def calibrate_noise_multiplier(
     epsilon_tolerance: float = 0.01,
     max_noise_multiplier: float = 100.0,
 ) -> float:
-    """The smallest sigma (to `epsilon_tolerance`) whose `epsilon_spent` after `steps` steps is <= `epsilon`.
+    """The smallest sigma (to `epsilon_tolerance`, or CALIBRATION_RELATIVE_TOLERANCE * epsilon if larger) whose
+    `epsilon_spent` after `steps` steps is <= `epsilon`.
 
     epsilon = inf means non-private training and returns 0.0. Requests no sigma up to `max_noise_multiplier`
-    can meet raise DpunetError (such noise would drown any training signal anyway).
+    can meet, and epsilons above MAX_EPSILON, raise DpunetError (such noise would drown any training signal
+    anyway; such an epsilon promises nothing).
     """
     _check_accountant(accountant)
     if _is_number(epsilon) and math.isinf(epsilon) and epsilon > 0:
         return 0.0
     if not (_is_number(epsilon) and epsilon > 0 and math.isfinite(epsilon)):
         raise DpunetError(f"target epsilon must be > 0 (or inf for non-private training), got {epsilon!r}")
+    if epsilon > MAX_EPSILON:
+        raise DpunetError(
+            f"epsilon={epsilon:g} is above {MAX_EPSILON:g}, the largest epsilon dpunet calibrates noise for: such a "
+            f"guarantee (a factor e^{epsilon:g}) protects nothing and the accountant cannot resolve the tiny noise "
+            f"it needs; use --eps inf for non-private training (same code, no noise) or an epsilon <= {MAX_EPSILON:g}"
+        )
     _check_delta(delta)
     _check_sample_rate(sample_rate)
     _check_steps(steps, minimum=1)
     if not epsilon_tolerance > 0:
         raise DpunetError(f"epsilon tolerance must be > 0, got {epsilon_tolerance!r}")
+    epsilon_tolerance = max(epsilon_tolerance, CALIBRATION_RELATIVE_TOLERANCE * epsilon)
 
     # Feasibility first (Opacus' search would double sigma up to 1e6). RDP is cheap and an upper bound;
     # only when it says no is the (slow at large sigma, tiny epsilon) PRV asked, with its coarse error.

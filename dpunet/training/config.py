@@ -108,4 +108,11 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
         raise DpunetError("--patches-per-patient must be at least 1")
     if cfg.private and cfg.clip_norm <= 0:
         raise DpunetError("--clip must be positive")
+    if not (str(cfg.fold) == "all" or str(cfg.fold).isdigit()):
+        raise DpunetError(f"fold {cfg.fold!r} does not exist: give a fold number (0-4 with the default 5 folds) "
+                          f"or 'all'")
+    if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
+        raise DpunetError(f"--lr must be a positive number, got {cfg.learning_rate}")
+    if cfg.patients_per_step is not None and cfg.patients_per_step < 1:
+        raise DpunetError(f"--patients-per-step must be at least 1, got {cfg.patients_per_step}")
     return cfg
