@@ -215,3 +215,16 @@ def test_two_default_runs_differ_in_noise_but_not_in_account(env, tmp_path):
     insecure = _report_without_paths(c)
     assert insecure["statement"].startswith("NOT PRIVATE against anyone who knows the seed")
     assert insecure["randomness"].startswith("REPRODUCIBLE")
+
+
+def test_a_kill_after_the_release_resumes_without_training_again(env, tmp_path):
+    trainer, _ = train(tmp_path / "run", steps=2)
+    old = torch.load(trainer.release_dir / "model_release.pt", weights_only=True)["weights"]
+    state = torch.load(trainer.output_dir / "private" / "checkpoint_latest.pt", weights_only=True)
+    assert state["step"] == 2  # saved before the release was written
+    resumed = DPTrainer(trainer.cfg, output_dir=trainer.output_dir)
+    resumed.run(resume=True)
+    # no new step, so no second set of weights computed from the private data: the same release, bit for bit
+    assert resumed.ledger.steps_taken == 2
+    new = torch.load(trainer.release_dir / "model_release.pt", weights_only=True)["weights"]
+    assert all(torch.equal(new[k], v) for k, v in old.items())

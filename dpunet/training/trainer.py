@@ -471,6 +471,9 @@ class DPTrainer:
         if not distributed.is_main_process():
             distributed.barrier()  # rank 0 writes the outputs and validates
             return {"report": None, "validation": None, "output_dir": str(self.output_dir)}
+        # the final state first: a kill from here on resumes at step T (--continue takes no further step), so
+        # the released weights are those of the one run the report accounts for, never a second draw
+        self.save_latest()
         report = self.privacy_report()
         self.write_release(report)
         summary = None
