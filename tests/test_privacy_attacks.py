@@ -20,6 +20,7 @@ from dpunet.privacy.sampling import PoissonPatientSampler
 from dpunet.privacy.statistics import dp_bounded_means
 from dpunet.training.config import merge_plan_and_options
 from dpunet.training.trainer import DPTrainer, load_training_inputs
+from dpunet.utils.errors import DpunetError
 from tests.conftest import plan_synthetic_task
 
 DEFAULT_SEED = 0
@@ -228,3 +229,24 @@ def test_a_kill_after_the_release_resumes_without_training_again(env, tmp_path):
     assert resumed.ledger.steps_taken == 2
     new = torch.load(trainer.release_dir / "model_release.pt", weights_only=True)["weights"]
     assert all(torch.equal(new[k], v) for k, v in old.items())
+
+
+def test_a_second_process_on_the_same_run_refuses(env, tmp_path):
+    import fcntl
+
+    first = DPTrainer(merge_plan_and_options(load_training_inputs("990", "2d")[2],
+                                             dict(task="990", fold="0", epsilon=8.0, configuration="2d", steps=1,
+                                                  engine="functorch", validation=False, init_from="none")),
+                      output_dir=tmp_path / "run" / "fold_0")
+    lock = tmp_path / "run" / ".fold_0.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as held:  # as a running dpunet_train holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DpunetError, match="in use by another dpunet_train"):
+            first.run()
+    # --continue on a run that never started: a clear error and no folder left behind
+    with pytest.raises(DpunetError, match="not found"):
+        first.run(resume=True)
+    assert not (tmp_path / "run" / "fold_0").exists()
+    first.run()
+    assert (tmp_path / "run" / "fold_0" / "release" / "model_release.pt").is_file()

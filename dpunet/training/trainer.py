@@ -13,11 +13,12 @@ progress plot, validation on held-out patients) is for the data owner only (docu
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -383,8 +384,39 @@ class DPTrainer:
         self.log.truncate(self.step)
 
     # ----- the run ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _run_lock(self) -> Iterator[None]:
+        """One process per run folder: a second dpunet_train (or --continue) on the same task/fold/run refuses
+        instead of racing the first into the same files. The lock file sits beside the fold folder, and is removed
+        again when the run never created that folder."""
+        if not distributed.is_main_process():
+            yield
+            return
+        import fcntl
+
+        lock_path = self.output_dir.parent / f".{self.output_dir.name}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DpunetError(f"{self.output_dir} is in use by another dpunet_train (lock {lock_path}); wait "
+                                  f"for it to finish, or choose another run") from None
+            try:
+                yield
+            finally:
+                if not self.output_dir.exists():
+                    lock_path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        lock_path.parent.rmdir()  # only if empty: a run folder created for nothing
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def run(self, resume: bool = False, stop_after_steps: int | None = None) -> dict[str, Any] | None:
         """Train to T steps (or, for tests, stop early after `stop_after_steps` as if interrupted)."""
+        with self._run_lock():
+            return self._run(resume, stop_after_steps)
+
+    def _run(self, resume: bool, stop_after_steps: int | None) -> dict[str, Any] | None:
         cfg = self.cfg
         if resume:
             self.resume()  # distributed: every rank loads the same checkpoint
