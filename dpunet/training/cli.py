@@ -71,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-large-delta", action="store_true", default=None,
                    help="accept delta >= 1/N (refused by default; the privacy report flags it)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--checkpoint-minutes", type=float, default=None, help="minutes between private/checkpoint_latest.pt")
+    p.add_argument("--checkpoint-minutes", type=float, default=None,
+                   help="minutes between private/checkpoint_latest.pt")
     p.add_argument("--no-validation", dest="validation", action="store_false", default=None)
     p.add_argument("--validation-mirroring", action="store_true", default=None,
                    help="mirroring test-time augmentation during the final validation")
-    p.add_argument("--continue", dest="resume", action="store_true", help="resume from private/checkpoint_latest.pt")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="resume from private/checkpoint_latest.pt")
     return p
 
 
