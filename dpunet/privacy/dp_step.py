@@ -18,12 +18,6 @@ from dpunet.privacy.randomness import PrivateRandomness, hardened_normal
 from dpunet.utils.errors import DpunetError
 
 
-def _noise_like(t: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
-    """Hardened N(0, std^2) noise shaped like `t`, on t's device. Without a generator: a fresh one seeded from
-    the operating system's entropy (never torch's global generator, which a public seed may have set)."""
-    if generator is None:
-        generator = PrivateRandomness.secure().torch_generator("noise", 0, t.device)
-    return hardened_normal(t.shape, std, generator, device=t.device)
 
 
 def noisy_average_gradient(
@@ -51,11 +45,14 @@ def noisy_average_gradient(
         if not clip_norm > 0:
             raise DpunetError(f"clip norm must be positive, got {clip_norm}")
         std = float(noise_multiplier) * float(clip_norm)
+    if std > 0 and generator is None and summed_grad:
+        # never torch's global generator, which a public seed may have set: a fresh one from OS entropy
+        generator = PrivateRandomness.secure().torch_generator("noise", 0, summed_grad[0].device)
     out = []
     for g in summed_grad:
         g32 = g.detach().to(torch.float32, copy=True)  # a new tensor: the engine's sums stay untouched
         if std > 0:
-            g32.add_(_noise_like(g32, std, generator))
+            g32.add_(hardened_normal(g32.shape, std, generator, device=g32.device))
         out.append(g32.div_(float(expected_batch_size)))
     return out
 
