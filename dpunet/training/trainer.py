@@ -456,8 +456,10 @@ class DPTrainer:
 
     def _train_loop(self, last_save: float, session_steps: int, stop_after_steps: int | None) -> dict[str, Any] | None:
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.task_name} fold {cfg.fold}", unit="step",
-                   disable=not distributed.is_main_process())
+        # the run folder's name says which run (arch, configuration, epsilon, variant) when several train in turn
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not distributed.is_main_process(),
+                   desc=f"train {self.task_name} {self.output_dir.parent.name} fold {cfg.fold}")
+        shown_epsilon = "-"
         while self.step < cfg.steps:
             if cfg.private and self.ledger.would_exceed(self.training_epsilon, self.training_delta, accountant="prv"):
                 raise DpunetError("the next step would exceed the privacy budget; refusing to continue")
@@ -469,7 +471,9 @@ class DPTrainer:
                 row["epsilon_spent"] = "inf"
             self.log.append(row)
             bar.update(1)
-            bar.set_postfix(eps=f"{self.log.rows[-1]['epsilon_spent'] or '-'}",
+            if row.get("epsilon_spent") not in (None, ""):  # computed every eps_log_every steps: keep the last
+                shown_epsilon = f"{float(row['epsilon_spent']):.3f}"
+            bar.set_postfix(eps=shown_epsilon,
                             loss=f"{row['loss_noisy_step']:.3f}" if row["loss_noisy_step"] != "" else "-")
             session_steps += 1
             due = (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0) or \
