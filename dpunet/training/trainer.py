@@ -287,9 +287,9 @@ class DPTrainer:
             self.canaries.add_to_sum(self.engine.summed_grad, [p for p in patients if self.canaries.is_canary(p)],
                                      cfg.clip_norm if cfg.private else None)
         # ---- distributed: sum the shards' clipped-gradient sums and statistics over all ranks (no-op in one
-        # process). Every rank then adds the SAME noise (identical generator state on every rank) to the same
-        # total, so the noise enters exactly once per logical step and all ranks take the same optimiser step.
-        # (The same generator state: every rank holds the session key and derives the step's seed from it.)
+        # process). Every rank then adds the SAME noise (every rank derives the step's seed from the same session
+        # key) to the same total, so the noise enters exactly once per logical step and all ranks take the same
+        # optimiser step.
         if distributed.is_distributed():
             totals = torch.tensor([loss_sum, clipped, nonfinite], dtype=torch.float64, device=self.device)
             distributed.all_reduce_sum([*self.engine.summed_grad, totals])
