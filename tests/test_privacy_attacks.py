@@ -250,3 +250,27 @@ def test_a_second_process_on_the_same_run_refuses(env, tmp_path):
     assert not (tmp_path / "run" / "fold_0").exists()
     first.run()
     assert (tmp_path / "run" / "fold_0" / "release" / "model_release.pt").is_file()
+
+
+def test_the_training_log_is_written_as_training_goes(env, tmp_path):
+    trainer = DPTrainer(merge_plan_and_options(load_training_inputs("990", "2d")[2],
+                                               dict(task="990", fold="0", epsilon=8.0, configuration="2d", steps=4,
+                                                    engine="functorch", validation=False, init_from="none",
+                                                    checkpoint_every_steps=2, checkpoint_minutes=1000.0)),
+                        output_dir=tmp_path / "run")
+    step = trainer.train_step
+
+    def killed_after_three_steps():
+        if trainer.step == 3:
+            raise KeyboardInterrupt  # as a kill: no checkpoint, no log write on the way out
+        return step()
+
+    trainer.train_step = killed_after_three_steps
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    rows = (trainer.private_dir / "training_log.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3  # every step on disk, not only the checkpointed ones (step 2)
+    resumed = DPTrainer(trainer.cfg, output_dir=trainer.output_dir)
+    resumed.run(resume=True)  # from the checkpoint at step 2: step 3 is redone, its old row dropped
+    rows = (trainer.private_dir / "training_log.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]

@@ -13,12 +13,24 @@ LOG_COLUMNS = ("step", "epsilon_spent", "patients_sampled", "loss_noisy_step", "
 
 
 class TrainingLog:
-    def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None) -> None:
+    """The rows in memory; with `write_through` each appended row also goes to the file at once, so a kill
+    loses no logged step (a resumed run truncates the file back to its checkpoint)."""
+
+    def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None, write_through: bool = False) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = list(rows or [])
+        self.write_through = write_through
 
     def append(self, row: dict[str, Any]) -> None:
-        self.rows.append({k: row.get(k, "") for k in LOG_COLUMNS})
+        row = {k: row.get(k, "") for k in LOG_COLUMNS}
+        self.rows.append(row)
+        if self.write_through:
+            new_file = not self.path.is_file()
+            with open(self.path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
 
     def truncate(self, step: int) -> None:
         """Drop rows after `step` (they belong to work lost when a run was interrupted)."""
@@ -32,11 +44,11 @@ class TrainingLog:
         write_text(buf.getvalue(), self.path)
 
     @classmethod
-    def read(cls, path: Path) -> "TrainingLog":
+    def read(cls, path: Path, write_through: bool = False) -> "TrainingLog":
         if not path.is_file():
-            return cls(path)
+            return cls(path, write_through=write_through)
         with open(path) as f:
-            return cls(path, list(csv.DictReader(f)))
+            return cls(path, list(csv.DictReader(f)), write_through)
 
 
 def plot_progress(log: TrainingLog, validation: list[tuple[int, float]], path: Path, title: str) -> None:

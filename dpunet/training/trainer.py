@@ -116,7 +116,8 @@ class DPTrainer:
         self.step = 0
         self.private_dir = private_folder(self.output_dir)
         self.release_dir = release_folder(self.output_dir)
-        self.log = TrainingLog(self.private_dir / "training_log.csv")
+        # rank 0 writes every step to the file as it goes; the other ranks keep rows in memory only
+        self.log = TrainingLog(self.private_dir / "training_log.csv", write_through=distributed.is_main_process())
         self.validation_curve: list[tuple[int, float]] = []
         self.elapsed = 0.0
 
@@ -380,8 +381,8 @@ class DPTrainer:
         self.step = int(state["step"])
         self.validation_curve = [tuple(v) for v in state.get("validation_curve", [])]
         self.elapsed = float(state.get("elapsed_seconds", 0.0))
-        self.log = TrainingLog.read(self.log.path)
-        self.log.truncate(self.step)
+        self.log = TrainingLog.read(self.log.path, self.log.write_through)
+        self.log.truncate(self.step)  # rows of steps lost with the interruption
 
     # ----- the run ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -423,6 +424,8 @@ class DPTrainer:
         elif (self.private_dir / CHECKPOINT_FILE).is_file() or self.release_dir.is_dir():
             raise DpunetError(f"{self.output_dir} already holds a run: use --continue to resume it, or remove it")
         self.private_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main_process():
+            self.log.write()  # a fresh run starts a fresh file; a resumed one drops the rows it will redo
         # distributed: all ranks must start from the same weights (same seed or the same checkpoint); this
         # collective also makes every rank check the output folder before rank 0 writes to it
         distributed.assert_replicas_identical(self.replica_tensors(), "weights at the start")
