@@ -64,7 +64,7 @@ def plan_dp_block(num_patients: int, epsilon: float, delta: float = DEFAULTS["de
                 f"noise-to-signal {sigma / expected:.3f} > {max_noise_to_signal}: the noise on each averaged "
                 f"gradient is large: training from a random initialisation is unlikely to be useful (the default "
                 f"start from pretrained weights, training.init_from, is much less affected); raise patients per "
-                f"step, lower steps, or raise epsilon")
+                f"step, lower steps, or raise epsilon (documentation/training.md, 'Will it learn?')")
     return block
 
 
