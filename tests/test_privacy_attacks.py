@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpunet.architectures import apply_preset, build_network, select_trainable
+from dpunet.architectures import build_network, select_trainable
 from dpunet.privacy.randomness import PrivateRandomness, hardened_normal
 from dpunet.privacy.sampling import PoissonPatientSampler
 from dpunet.privacy.statistics import dp_bounded_means

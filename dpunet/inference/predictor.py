@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dpunet.architectures import build_network
 from dpunet.evaluation.cross_validation import format_epsilon, run_folder_name
 from dpunet.inference.case_io import (InputCase, check_input_channels, export_prediction, find_input_cases,
                                       input_case_problems, mark_complete, mark_incomplete, preprocess_input_case)
