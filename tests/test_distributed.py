@@ -7,7 +7,6 @@ same weights up to floating-point summation order; so must a single-process run 
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
