@@ -19,6 +19,9 @@ setup(
         "matplotlib>=3.7",
         "tqdm>=4.60",
         "pillow>=9.0",
+        # published architectures for --arch (core only: it needs torch and numpy); einops for its UNETR
+        "monai>=1.3",
+        "einops>=0.6",
     ],
     extras_require={"test": ["pytest>=7", "dp-accounting>=0.4", "medpy>=0.5"]},
     entry_points={

@@ -3,14 +3,18 @@
     net = build_network(plans["configurations"]["2d"]["architecture"], in_channels, num_classes, True)
     spec = apply_preset(planned_spec, "resenc_scalenorm", width_multiplier=2.0)
 """
-from dpunet.architectures.presets import ARCHITECTURE_PRESETS, BASELINE_AXES, apply_preset
 from dpunet.architectures.registry import NETWORK_CLASSES, build_network, count_parameters, validate_for_dp
+from dpunet.architectures.dp_conversion import make_dp_compatible
+from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES, MonaiNet, is_monai_arch
+from dpunet.architectures.presets import ARCHITECTURE_PRESETS, BASELINE_AXES, apply_preset, architecture_names
 from dpunet.architectures.trainable import TRAINABLE_SUBSETS, select_trainable
 from dpunet.architectures.unet import PlainConvUNet, ResidualEncoderUNet, UNetBase, UNetConfig, output_shapes
 
 __all__ = [
     "ARCHITECTURE_PRESETS",
     "BASELINE_AXES",
+    "MONAI_ARCHITECTURES",
+    "MonaiNet",
     "NETWORK_CLASSES",
     "PlainConvUNet",
     "ResidualEncoderUNet",
@@ -18,6 +22,9 @@ __all__ = [
     "UNetBase",
     "UNetConfig",
     "apply_preset",
+    "architecture_names",
+    "is_monai_arch",
+    "make_dp_compatible",
     "select_trainable",
     "build_network",
     "count_parameters",

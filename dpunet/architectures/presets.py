@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Sequence
 
+from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES, monai_spec
 from dpunet.utils.errors import DpunetError
 
 BASELINE_AXES: dict[str, Any] = {
@@ -77,19 +78,30 @@ def scale_features(features: list[int], width_multiplier: float, divisor: int) -
     return [max(divisor, int(round(f * width_multiplier / divisor)) * divisor) for f in features]
 
 
-def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float = 1.0) -> dict[str, Any]:
+def architecture_names() -> list[str]:
+    """Every `--arch` name: the U-Net presets, then the MONAI networks."""
+    return [*ARCHITECTURE_PRESETS, *MONAI_ARCHITECTURES]
+
+
+def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float = 1.0,
+                 patch_size: Sequence[int] | None = None) -> dict[str, Any]:
     """A new architecture spec: the planned `arch_spec` with the preset's axes and widened features.
+
+    A MONAI name (dpunet.architectures.monai_nets) gives a "MonaiNet" spec built from the plan's topology and
+    `patch_size` (required for those names: some of them are built for one input size).
 
     Switching between the plain and the residual U-Net maps convs per stage to residual blocks per stage
     (ceil(convs/2); a block holds two convs) and back (2 per block). The features are multiplied by
     `width_multiplier` and kept divisible by GroupNorm's group count. The result records "preset" and
     "width_multiplier" next to class_name and kwargs."""
-    if preset not in ARCHITECTURE_PRESETS:
-        raise DpunetError(f"unknown architecture preset {preset!r}; known: {', '.join(ARCHITECTURE_PRESETS)}")
+    if preset not in ARCHITECTURE_PRESETS and preset not in MONAI_ARCHITECTURES:
+        raise DpunetError(f"unknown architecture {preset!r}; known: {', '.join(architecture_names())}")
     if not isinstance(arch_spec, dict) or "class_name" not in arch_spec or "kwargs" not in arch_spec:
         raise DpunetError(f"architecture spec must have 'class_name' and 'kwargs', got {arch_spec!r}")
     if not (isinstance(width_multiplier, (int, float)) and math.isfinite(width_multiplier) and width_multiplier > 0):
         raise DpunetError(f"width multiplier must be a positive number, got {width_multiplier!r}")
+    if preset in MONAI_ARCHITECTURES:
+        return monai_spec(preset, arch_spec, patch_size, float(width_multiplier))
 
     entry = ARCHITECTURE_PRESETS[preset]
     old_class = arch_spec["class_name"]

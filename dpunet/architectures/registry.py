@@ -8,7 +8,8 @@ from torch import nn
 from dpunet.architectures.unet import PlainConvUNet, ResidualEncoderUNet, UNetBase
 from dpunet.utils.errors import DpunetError
 
-NETWORK_CLASSES: dict[str, type[UNetBase]] = {
+# MonaiNet (dpunet.architectures.monai_nets) adds itself here when the package is imported
+NETWORK_CLASSES: dict[str, type[nn.Module]] = {
     "PlainConvUNet": PlainConvUNet,
     "ResidualEncoderUNet": ResidualEncoderUNet,
 }
