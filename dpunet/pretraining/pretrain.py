@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import dpunet
-from dpunet.architectures import apply_preset, build_network
+from dpunet.architectures import apply_preset, build_network, is_monai_arch
 from dpunet.paths import results_root
 from dpunet.pretraining.random_images import random_segmentation_batch
 from dpunet.training.checkpoint import save_checkpoint
@@ -57,20 +57,22 @@ def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, nu
     `output` (atomically) and return a summary (losses at the start and the end)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    arch = apply_preset(plan_config["architecture"], cfg.arch, cfg.width)
-    model = build_network(arch, num_channels, num_classes, cfg.deep_supervision).to(cfg.device)
-    strides = arch["kwargs"]["strides"]
-    n_out = len(strides) - 1 if cfg.deep_supervision else 1
+    patch = plan_config["patch_size"]
+    arch = apply_preset(plan_config["architecture"], cfg.arch, cfg.width, patch)
+    # MONAI networks give one output: no deep supervision (as in dpunet_train)
+    deep_supervision = cfg.deep_supervision and not is_monai_arch(cfg.arch)
+    model = build_network(arch, num_channels, num_classes, deep_supervision).to(cfg.device)
+    strides = arch["kwargs"]["strides"] if deep_supervision else [[1] * len(patch)] * 2
+    n_out = len(strides) - 1 if deep_supervision else 1
     loss_fn = SegmentationLoss(num_classes, None, deep_supervision_weights(n_out))
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate, 0.9, 0.0)
-    patch = plan_config["patch_size"]
     losses: list[float] = []
     t0 = time.perf_counter()
     model.train()
     for step in tqdm(range(cfg.steps), desc="pretrain on random images", unit="step"):
         data, seg = random_segmentation_batch(rng, cfg.batch_size, patch, num_channels, num_classes)
         targets = downsample_seg_for_deep_supervision(torch.from_numpy(seg).long(), strides,
-                                                      None if cfg.deep_supervision else 1)
+                                                      None if deep_supervision else 1)
         outputs = model(torch.from_numpy(data).to(cfg.device))
         loss = loss_fn(outputs, [t.to(cfg.device) for t in targets]).mean()
         for group in optimizer.param_groups:

@@ -192,7 +192,9 @@ class DPTrainer:
         cfg = self.cfg
         initial_weights = self._initial_weights_path()
         torch.manual_seed(cfg.seed)
-        self.arch = apply_preset(self.plan_config["architecture"], cfg.arch, cfg.width)
+        # the patch size: MONAI networks (--arch monai_unet, unetr, ...) are built for it (issue 11)
+        self.arch = apply_preset(self.plan_config["architecture"], cfg.arch, cfg.width,
+                                 self.plan_config["patch_size"])
         self.num_classes = self.task.num_classes
         self.model = build_network(self.arch, self.task.num_channels, self.num_classes, cfg.deep_supervision)
         problems = validate_for_dp(self.model) if cfg.private else []
