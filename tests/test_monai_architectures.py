@@ -1,0 +1,199 @@
+"""MONAI networks under `--arch NAME` (issue 11, first slice): each builds in its dimensions from a plan, is
+fit for DP after the one conversion (no BatchNorm, no running statistics, no in-place modules), the per-patient
+clipped sums of the functorch engine equal the per-patient reference loop, and a MONAI network trains end to
+end and is rebuilt from its release file. Tiny widths and patches keep the file fast."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dpunet.architectures import MONAI_ARCHITECTURES, apply_preset, build_network, count_parameters, validate_for_dp
+from dpunet.architectures.dp_conversion import largest_divisor_at_most, make_dp_compatible
+from dpunet.privacy.engines import PatientBatch, make_engine
+from dpunet.training.loss import SegmentationLoss
+from dpunet.utils.errors import DpunetError
+from tests.conftest import plan_synthetic_task
+from tests.test_engines import assert_close
+
+NUM_CLASSES = 3
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def plan_arch(dim: int) -> dict:
+    """A small planned U-Net entry: anisotropic first stride in 3D, as the planner makes for thick slices."""
+    kernels = [[3, 3]] * 3 if dim == 2 else [[1, 3, 3], [3, 3, 3], [3, 3, 3]]
+    strides = [[1, 1], [2, 2], [2, 2]] if dim == 2 else [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+    return {"class_name": "PlainConvUNet", "kwargs": {
+        "dim": dim, "n_stages": 3, "features_per_stage": [16, 32, 64], "kernel_sizes": kernels,
+        "strides": strides, "n_conv_per_stage": [2] * 3, "n_conv_per_stage_decoder": [2] * 2}}
+
+
+# (name, dim) -> (patch, width): the smallest patch the architecture's divisibility allows, tiny widths
+CASES = {
+    ("monai_unet", 2): ([16, 16], 0.25), ("monai_unet", 3): ([8, 16, 16], 0.25),
+    ("basic_unet", 2): ([32, 32], 0.125), ("basic_unet", 3): ([32, 32, 32], 0.0625),
+    ("unetpp", 2): ([32, 32], 0.125), ("unetpp", 3): ([32, 32, 32], 0.0625),
+    ("attention_unet", 2): ([16, 16], 0.25), ("attention_unet", 3): ([8, 16, 16], 0.25),
+    ("segresnet", 2): ([16, 16], 0.5), ("segresnet", 3): ([16, 16, 16], 0.5),
+    ("dynunet", 2): ([16, 16], 0.25), ("dynunet", 3): ([8, 16, 16], 0.25),
+    ("vnet", 3): ([32, 32, 32], 1.0),
+    ("unetr", 2): ([32, 32], 0.0625), ("unetr", 3): ([32, 32, 32], 0.0625),
+    ("flexible_unet", 2): ([64, 64], 0.125), ("flexible_unet", 3): ([64, 64, 64], 0.125),
+}
+
+
+def build(name: str, dim: int, dtype=torch.float32) -> tuple[nn.Module, list[int]]:
+    patch, width = CASES[(name, dim)]
+    torch.manual_seed(0)
+    spec = apply_preset(plan_arch(dim), name, width, patch)
+    return build_network(spec, 1, NUM_CLASSES, False).to(dtype), patch
+
+
+def test_every_name_has_build_cases_in_its_dims():
+    covered = {n for n, _ in CASES}
+    assert covered == set(MONAI_ARCHITECTURES) - {"swin_unetr"}  # swin_unetr is refused, see below
+    for (name, dim) in CASES:
+        assert dim in MONAI_ARCHITECTURES[name].dims
+
+
+@pytest.mark.parametrize("name,dim", sorted(CASES), ids=[f"{n}-{d}d" for n, d in sorted(CASES)])
+def test_builds_fit_for_dp_without_batchnorm(name, dim):
+    net, patch = build(name, dim)
+    assert validate_for_dp(net) == []
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert not any(getattr(m, "track_running_stats", False) or getattr(m, "inplace", False) for m in net.modules())
+    assert net.deep_supervision is False and count_parameters(net) > 0
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 1, *patch))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, NUM_CLASSES, *patch)
+
+
+def test_refusals_name_the_constraint():
+    with pytest.raises(DpunetError, match="3D only"):
+        apply_preset(plan_arch(2), "vnet", 1.0, [32, 32])
+    with pytest.raises(DpunetError, match=r"divisible by \[16, 16\]"):
+        apply_preset(plan_arch(2), "unetr", 0.0625, [24, 32])
+    with pytest.raises(DpunetError, match="single voxel"):
+        apply_preset(plan_arch(3), "basic_unet", 0.0625, [16, 16, 16])
+    with pytest.raises(DpunetError, match="patch size"):
+        apply_preset(plan_arch(2), "monai_unet", 1.0)
+    # SwinUNETR's window attention owns parameters and an index buffer: Opacus' fallback refuses such modules
+    spec = apply_preset(plan_arch(2), "swin_unetr", 0.5, [64, 64])
+    with pytest.raises(DpunetError, match="WindowAttention has buffers"):
+        build_network(spec, 1, NUM_CLASSES, False)
+    with pytest.raises(DpunetError, match="without deep supervision"):
+        build_network(apply_preset(plan_arch(2), "monai_unet", 0.25, [16, 16]), 1, NUM_CLASSES, True)
+
+
+# ------------------------------------------------------------------------------------------- conversion
+class _Unfixable(nn.Module):
+    """Own parameter and a buffer, no Opacus grad sampler: nothing per-sample can be made of it here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+        self.register_buffer("scale", torch.ones(2))
+
+    def forward(self, x):
+        return x * (self.weight * self.scale)[None, :, None, None]
+
+
+def test_conversion_replaces_batchnorm_and_inplace_and_refuses_the_rest():
+    net = nn.Sequential(nn.Conv2d(1, 12, 3), nn.BatchNorm2d(12), nn.ReLU(inplace=True), nn.Dropout(0.0),
+                        nn.Conv3d(12, 4, 1), nn.InstanceNorm3d(4, track_running_stats=True))
+    fixed = make_dp_compatible(net, num_groups=8)
+    assert isinstance(fixed[1], nn.GroupNorm) and fixed[1].num_groups == 6 == largest_divisor_at_most(12, 8)
+    assert fixed[2].inplace is False and isinstance(fixed[3], nn.Identity)
+    assert not fixed[5].track_running_stats and fixed[5].affine
+    assert validate_for_dp(fixed) == []
+    inst = make_dp_compatible(nn.Sequential(nn.Conv3d(1, 4, 1), nn.BatchNorm3d(4)), norm="instance")
+    assert isinstance(inst[1], nn.InstanceNorm3d) and inst[1].affine and not inst[1].track_running_stats
+    with pytest.raises(DpunetError, match="_Unfixable has buffers"):
+        make_dp_compatible(nn.Sequential(nn.Conv2d(1, 2, 1), _Unfixable()))
+
+
+# ------------------------------------------------------------------------ per-patient gradients (float64)
+def _batch(patch: list[int], seed: int, patients: int = 2, k: int = 2) -> PatientBatch:
+    g = torch.Generator().manual_seed(seed)
+    return PatientBatch(torch.randn(patients, k, 1, *patch, generator=g, dtype=torch.float64),
+                        [torch.randint(0, NUM_CLASSES, (patients, k, 1, *patch), generator=g)])
+
+
+ENGINE_CASES = [("monai_unet", 2), ("monai_unet", 3), ("segresnet", 3), ("attention_unet", 2),
+                ("basic_unet", 3), ("dynunet", 3)]
+
+
+@pytest.mark.parametrize("name,dim", ENGINE_CASES, ids=[f"{n}-{d}d" for n, d in ENGINE_CASES])
+def test_functorch_clipped_sums_equal_reference_loop(name, dim):
+    net, patch = build(name, dim, torch.float64)
+    net.train()
+    loss = SegmentationLoss(NUM_CLASSES, patches_per_patient=2)
+    batch = _batch(patch, seed=1)
+    ref, ref_stats = _summed(net, batch, loss, "reference_loop")
+    assert ref_stats.num_clipped == 2  # clipping active
+    got, stats = _summed(net, batch, loss, "functorch")
+    assert_close(got, ref)
+    assert torch.allclose(stats.grad_norms, ref_stats.grad_norms, rtol=1e-5)
+
+
+def _summed(net, batch, loss, engine_name, clip_norm=1e-3):
+    """(clipped per-patient sum, stats) of one engine; like tests.test_engines.summed, with dpunet's loss."""
+    engine = make_engine(engine_name, net, loss, clip_norm)
+    try:
+        stats = engine.accumulate(batch)
+        return [g.clone() for g in engine.summed_grad], stats
+    finally:
+        engine.close()
+
+
+def test_opacus_issue_671_monai_3d_unet_through_dpunet_engines():
+    """Opacus #671: MONAI 3D networks stopped Opacus' optimiser with parameters that had no per-sample
+    gradient. dpunet's Opacus engine and its functorch engine give MONAI's 3D UNet (PReLU, residual units)
+    the reference loop's sums; a network whose forward adds in place (SegResNet) makes the Opacus engine
+    fail loudly (then `auto` uses another engine), never silently wrong."""
+    net, patch = build("monai_unet", 3, torch.float64)
+    net.train()
+    loss = SegmentationLoss(NUM_CLASSES, patches_per_patient=2)
+    batch = _batch(patch, seed=2)
+    ref, _ = _summed(net, batch, loss, "reference_loop")
+    for engine in ("functorch", "opacus_hooks"):
+        got, _ = _summed(net, batch, loss, engine)
+        assert_close(got, ref)
+    seg, seg_patch = build("segresnet", 3, torch.float64)
+    with pytest.raises((RuntimeError, ValueError)):
+        _summed(seg.train(), _batch(seg_patch, seed=3), loss, "opacus_hooks")
+
+
+# -------------------------------------------------------------------------------------------- end to end
+def test_train_monai_unet_end_to_end_and_rebuild_from_release(tmp_path, use_roots, capsys):
+    from dpunet.inference.predictor import load_fold_model
+    from dpunet.training import cli as train_cli
+
+    roots = use_roots(plan_synthetic_task(tmp_path, "-c", "3d_fullres", "--width", "0.25", "--steps", "2",
+                                          "--patients-per-step", "3", "--patches-per-patient", "2"))
+    with pytest.raises(SystemExit) as done:
+        train_cli.main(["990", "0", "--eps", "8", "-c", "3d_fullres", "--arch", "monai_unet", "--init-from", "none",
+                        "--engine", "functorch", "--no-validation", "--no-augmentation", "--device", "cpu",
+                        "--patients-per-micro-batch", "2"])
+    assert done.value.code == 0, capsys.readouterr().err[-2000:]
+    assert "trains without deep supervision" in capsys.readouterr().err
+    release = roots["results"] / "Task990_Synthetic3D" / "monai_unet__3d_fullres__eps8" / "fold_0" / "release"
+    model_path = release / "model_release.pt"
+    assert model_path.is_file()
+    fold_model = load_fold_model(model_path)
+    net = fold_model.network
+    assert type(net).__name__ == "MonaiNet" and net.deep_supervision is False and not net.training
+    patch = fold_model.plan_configuration["patch_size"]
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, *patch))
+    assert out.shape == (1, fold_model.num_classes, *patch) and torch.isfinite(out).all()
