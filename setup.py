@@ -43,6 +43,7 @@ setup(
             "dpunet_bench_engine=dpunet.benchmark.engine_bench:main",
             "dpunet_bench_loader=dpunet.benchmark.loader_bench:main",
             "dpunet_audit=dpunet.audit.cli:main",
+            "dpunet_archs=dpunet.architectures.cli:main",
         ]
     },
 )

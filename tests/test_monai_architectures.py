@@ -197,3 +197,22 @@ def test_train_monai_unet_end_to_end_and_rebuild_from_release(tmp_path, use_root
     with torch.no_grad():
         out = net(torch.randn(1, 1, *patch))
     assert out.shape == (1, fold_model.num_classes, *patch) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------- dpunet_archs
+def test_dpunet_archs_lists_every_name_with_source_dims_parameters_and_engines(capsys):
+    from dpunet.architectures import architecture_names
+    from dpunet.architectures.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--dim", "2"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()}
+    assert set(rows) == set(architecture_names())
+    assert "dpunet PlainConvUNet" in rows["unet"] and "MONAI UNet" in rows["monai_unet"]
+    assert "refused" in rows["vnet"] and "3D only" in rows["vnet"]
+    assert "refused" in rows["swin_unetr"]
+    assert "functorch: yes" in rows["attention_unet"] and "PReLU" in rows["attention_unet"]
+    params = int(rows["monai_unet"].split()[4].replace(",", ""))
+    assert params > 100_000
