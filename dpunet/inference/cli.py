@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--folds", nargs="+", default=list(DEFAULT_FOLDS),
                    help="fold models to ensemble: any of 0 1 2 3 4, or all (default 0 1 2 3 4)")
     p.add_argument("--eps", type=parse_epsilon, default=8.0, help="epsilon of the run to use (default 8; inf)")
-    p.add_argument("--arch", default="unet", help="architecture preset of the run (default unet)")
+    p.add_argument("--arch", default="unet", help="architecture of the run, as given to dpunet_train (default unet; list: dpunet_archs)")
     p.add_argument("--disable_tta", "--disable-tta", dest="disable_tta", action="store_true",
                    help="no mirroring test-time augmentation (2^axes times faster)")
     p.add_argument("--step_size", "--step-size", dest="step_size", type=_step_size, default=0.5,

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainingConfig()
     p.add_argument("task", help="task id (4) or name (Task04_Hippocampus)")
     p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
-    p.add_argument("--arch", default=defaults.arch, help="architecture preset, as for dpunet_train")
+    p.add_argument("--arch", default=defaults.arch, help="architecture, as for dpunet_train (list: dpunet_archs)")
     p.add_argument("--width", type=float, default=defaults.width, help="width multiplier, as for dpunet_train")
     p.add_argument("--steps", type=int, default=None, help="plan default (training.pretraining_steps)")
     p.add_argument("--batch-size", type=int, default=None,

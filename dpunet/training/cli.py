@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=parse_epsilon, required=True, help="target epsilon, or inf for non-private")
     p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
     p.add_argument("--delta", type=float, default=None, help="target delta (plan default 1e-5)")
-    p.add_argument("--arch", default="unet", help="architecture preset (dpunet.architectures.ARCHITECTURE_PRESETS)")
+    p.add_argument("--arch", default="unet", help="architecture: a U-Net preset or a MONAI network (unet; list: dpunet_archs)")
     p.add_argument("--width", type=float, default=None, help="width multiplier of the planned features")
     p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
                    help="parameters DP-SGD updates; the rest keep their seeded initialisation (all)")
