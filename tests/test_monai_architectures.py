@@ -216,3 +216,17 @@ def test_dpunet_archs_lists_every_name_with_source_dims_parameters_and_engines(c
     assert "functorch: yes" in rows["attention_unet"] and "PReLU" in rows["attention_unet"]
     params = int(rows["monai_unet"].split()[4].replace(",", ""))
     assert params > 100_000
+
+
+def test_random_image_pretraining_runs_a_monai_network_without_deep_supervision(tmp_path):
+    from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_random_images
+
+    plan_config = {"architecture": plan_arch(2), "patch_size": [16, 16]}
+    cfg = PretrainingConfig(arch="attention_unet", width=0.25, steps=2, batch_size=2)  # deep_supervision=True
+    out = tmp_path / "pre.pt"
+    summary = pretrain_on_random_images(plan_config, 1, NUM_CLASSES, cfg, out, "TaskTest")
+    assert out.is_file() and summary["steps"] == 2
+    state = torch.load(out, weights_only=True)
+    assert state["architecture"]["class_name"] == "MonaiNet"
+    rebuilt = build_network(state["architecture"], 1, NUM_CLASSES, False)
+    rebuilt.load_state_dict(state["weights"])
