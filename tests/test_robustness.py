@@ -7,6 +7,7 @@ tested beside the code they concern (test_inference, test_evaluate, test_verify,
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -89,3 +90,35 @@ def test_epsilon_above_the_maximum_is_refused_at_once(epsilon):
         calibrate_noise_multiplier(epsilon, 1e-5, 0.5, 150)
     assert time.perf_counter() - start < 1.0  # before: minutes inside the accountant
 
+
+
+# ----- what a newcomer reads: the demo's table and the training bars -------------------------------------------
+def test_demo_table_says_dice_and_names_each_run(capsys):
+    from dpunet import demo
+
+    summary = {"labels": {"1": "organ"}, "mean": {"1": {"Dice": 0.5}}, "foreground_mean": {"Dice": 0.5}}
+    report = {"statement": "s", "epsilon": {"prv": 7.99, "rdp": 8.6}, "delta": 1e-5, "num_patients": 9,
+              "sample_rate": 0.5, "steps_taken": 3, "patches_per_patient": 2, "noise_multiplier": 1.0,
+              "clip_norm": 1.0, "public_data_and_priors": ["none"]}
+    results = {run: {"validation": summary, "report": report, "output_dir": "x"} for run in demo.RUN_NAMES}
+    demo._print_results(results, {}, 60.0)
+    out = capsys.readouterr().out
+    assert "Dice per class" in out
+    assert all(out.count(name) >= 1 for name in demo.RUN_NAMES.values())
+
+
+def test_training_bar_names_its_run_and_shows_epsilon_with_three_decimals(tmp_path, use_roots, capsys):
+    from dpunet.training.config import merge_plan_and_options
+    from dpunet.training.trainer import DPTrainer, load_training_inputs
+    from tests.conftest import plan_synthetic_task
+
+    use_roots(plan_synthetic_task(tmp_path / "task", "-c", "2d", "--width", "0.25", "--steps", "2",
+                                  "--patients-per-step", "3", "--patches-per-patient", "1"))
+    cfg = merge_plan_and_options(load_training_inputs("990", "2d")[2],
+                                 dict(task="990", fold="0", epsilon=8.0, configuration="2d", engine="functorch",
+                                      validation=False, init_from="none", eps_log_every=1))
+    DPTrainer(cfg, output_dir=tmp_path / "unet__2d__eps8" / "fold_0").run()
+    err = capsys.readouterr().err
+    assert "unet__2d__eps8 fold 0" in err
+    shown = re.findall(r"eps=([^,\]]+)", err)
+    assert shown and all(re.fullmatch(r"-|\d+\.\d{3}", s) for s in shown), shown
