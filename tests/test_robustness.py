@@ -118,7 +118,27 @@ def test_training_bar_names_its_run_and_shows_epsilon_with_three_decimals(tmp_pa
                                  dict(task="990", fold="0", epsilon=8.0, configuration="2d", engine="functorch",
                                       validation=False, init_from="none", eps_log_every=1))
     DPTrainer(cfg, output_dir=tmp_path / "unet__2d__eps8" / "fold_0").run()
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "unet__2d__eps8 fold 0" in err
+    # from random weights the trainer's noise-norm warning shows, pointing to the one explanation
+    assert "noise on each averaged gradient has norm" in captured.out and "'Will it learn?'" in captured.out
     shown = re.findall(r"eps=([^,\]]+)", err)
     assert shown and all(re.fullmatch(r"-|\d+\.\d{3}", s) for s in shown), shown
+
+
+def test_demo_states_its_duration_before_working(tmp_path, capsys):
+    from dpunet import demo
+
+    with pytest.raises(SystemExit):  # a wrong --hippocampus path stops it right after the estimate
+        demo.main(["--workdir", str(tmp_path), "--hippocampus", str(tmp_path / "nowhere")])
+    out = capsys.readouterr().out
+    assert "about 12 min idle, 25 min on a busy machine" in out
+
+
+def test_the_planners_noise_warning_points_to_the_explanation():
+    from dpunet.planning.dp_plan import plan_dp_block
+
+    block = plan_dp_block(10, 1.0, patients_per_step=2, steps=500)
+    assert block["warnings"] and all("'Will it learn?'" in w for w in block["warnings"])
+    assert "Two warnings, two views of the same noise" in (REPO / "documentation" / "training.md").read_text()
