@@ -17,7 +17,7 @@ from dpunet.planning.cli import parse_epsilon
 from dpunet.training import distributed
 from dpunet.training.config import merge_plan_and_options
 from dpunet.training.trainer import DPTrainer, load_plans, load_training_inputs
-from dpunet.utils.errors import DpunetError, cli_entry, warn
+from dpunet.utils.errors import DpunetError, cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = merge_plan_and_options(plan_config, options)
         trainer = DPTrainer(cfg)
-        _warn_if_clamped(args.patients_per_step, trainer.num_patients, args.fold)
         result = trainer.run(resume=args.resume)
     finally:
         distributed.destroy_distributed()
@@ -116,13 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         print("validation Dice: " + json.dumps({k: round(v["Dice"], 4) for k, v in mean.items()}))
     print(f"outputs: {result['output_dir']}")
     return 0
-
-
-def _warn_if_clamped(requested: int | None, num_patients: int, fold: str) -> None:
-    """The trainer caps q N at N (q = 1): say so rather than train with another batch than asked for."""
-    if requested is not None and requested > num_patients and distributed.is_main_process():
-        warn(f"--patients-per-step {requested} is more than the {num_patients} training patients of fold {fold}: "
-             f"clamped to {num_patients} (q = 1: every patient in every step)")
 
 
 def _default_configuration(task: str) -> str:

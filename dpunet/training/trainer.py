@@ -51,7 +51,7 @@ from dpunet.training.initialisation import load_initial_weights
 from dpunet.training.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.training.progress import TrainingLog, plot_progress
 from dpunet.training.schedule import lr_factor, make_optimizer
-from dpunet.utils.errors import DpunetError
+from dpunet.utils.errors import DpunetError, warn
 from dpunet.utils.files import load_json, write_json, write_text
 
 
@@ -125,6 +125,9 @@ class DPTrainer:
     def _plan_privacy(self) -> None:
         cfg = self.cfg
         expected = cfg.patients_per_step or round(self.plan_config["dp"]["sample_rate"] * self.num_patients)
+        if expected > self.num_patients and distributed.is_main_process():
+            warn(f"--patients-per-step {expected} is more than the {self.num_patients} training patients of fold "
+                 f"{cfg.fold}: clamped to {self.num_patients} (q = 1: every patient in every step)")
         expected = int(min(self.num_patients, max(1, expected)))
         cfg.patients_per_step = expected
         self.sample_rate = expected / self.num_patients
@@ -145,22 +148,21 @@ class DPTrainer:
         fp = self.plans.get("fingerprint_privacy", {}) or {}
         return float(fp.get("epsilon", 0.0) or 0.0), float(fp.get("delta", 0.0) or 0.0)
 
-    @property
-    def training_epsilon(self) -> float:
-        """--eps is the total budget: what the fingerprint spent is subtracted before calibrating DP-SGD."""
-        remaining = self.cfg.epsilon - self.fingerprint_epsilon
+    def _left_for_training(self, option: str, total: float, spent: float) -> float:
+        """--eps and --delta are the total budget: what the fingerprint spent is subtracted before calibrating."""
+        remaining = total - spent
         if self.cfg.private and remaining <= 0:
-            raise DpunetError(f"--eps {self.cfg.epsilon} leaves nothing for training: the DP fingerprint statistics "
-                              f"already spent epsilon {self.fingerprint_epsilon}")
+            raise DpunetError(f"--{option} {total} leaves nothing for training: the DP fingerprint statistics "
+                              f"already spent {option} {spent}")
         return remaining
 
     @property
+    def training_epsilon(self) -> float:
+        return self._left_for_training("eps", self.cfg.epsilon, self.fingerprint_epsilon)
+
+    @property
     def training_delta(self) -> float:
-        remaining = self.cfg.delta - self.fingerprint_delta
-        if self.cfg.private and remaining <= 0:
-            raise DpunetError(f"--delta {self.cfg.delta} leaves nothing for training: the DP fingerprint statistics "
-                              f"already spent delta {self.fingerprint_delta}")
-        return remaining
+        return self._left_for_training("delta", self.cfg.delta, self.fingerprint_delta)
 
     def _session_randomness(self) -> PrivateRandomness:
         """A fresh secret key (rank 0's, sent to the other ranks) unless the insecure reproducible mode asks
@@ -357,8 +359,7 @@ class DPTrainer:
     def save_latest(self) -> None:
         if not distributed.is_main_process():  # distributed: only rank 0 writes files
             return
-        save_checkpoint(self.state_dict(), self.private_dir / CHECKPOINT_FILE)
-        self.log.write()
+        save_checkpoint(self.state_dict(), self.private_dir / CHECKPOINT_FILE)  # the log is written as it goes
 
     def resume(self) -> None:
         path = self.private_dir / CHECKPOINT_FILE
@@ -521,7 +522,6 @@ class DPTrainer:
         summary = None
         if cfg.validation and self.val_cases:
             summary = self.validate()
-        self.log.write()
         plot_progress(self.log, self.validation_curve, self.private_dir / "progress.png",
                       f"{self.task_name} {cfg.configuration} fold {cfg.fold} eps {report['target_epsilon']}")
         self.save_latest()
