@@ -18,6 +18,16 @@ SHARED = Path(os.environ.get("DPUNET_SHARED", REPO.parent / "shared"))
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny nets: intra-op threads only add synchronisation (10x slower on a busy machine). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`; the previous thread count comes back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test when it is not there."""
     p = SHARED.joinpath(*parts)

@@ -23,15 +23,7 @@ from dpunet.privacy.engines import (
 from dpunet.utils.errors import DpunetError
 
 PRIVATE_ENGINES = ["functorch", "opacus_hooks"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The nets here are tiny: intra-op threads only add synchronisation (10x slower on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SMALL_C, HUGE_C = 1e-3, 1e6
 B, K, CIN, NCLS = 3, 2, 2, 3

@@ -35,13 +35,7 @@ from tests.conftest import shared_path
 RUN = "unet__{config}__eps8"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny networks: a second intra-op thread only adds contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPORT = {"epsilon_prv": 7.9, "epsilon_rdp": 8.4, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.5,
           "steps": 60, "clip_norm": 1.0}
