@@ -9,13 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from dpunet.training.augmentation import (
-    PatchAugmenter,
-    augment_patch,
-    default_augmentation_params,
-    is_anisotropic_patch,
-    source_patch_size,
-)
+from dpunet.planning.augmentation import default_augmentation_params, is_anisotropic_patch, source_patch_size
+from dpunet.training.augmentation import PatchAugmenter, augment_patch
 
 INTENSITY_KEYS = ("gaussian_noise", "gaussian_blur", "brightness_multiplicative", "contrast", "low_resolution",
                   "gamma_inverted", "gamma")

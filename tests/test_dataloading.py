@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpunet.training.augmentation import default_augmentation_params, source_patch_size
+from dpunet.planning.augmentation import default_augmentation_params, source_patch_size
 from dpunet.training.dataloading import (
     PatientPatchSampler,
     PreprocessedCaseStore,

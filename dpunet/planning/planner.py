@@ -9,6 +9,7 @@ import numpy as np
 import dpunet
 from dpunet.dataset.msd import TaskInfo
 from dpunet.planning import memory
+from dpunet.planning.augmentation import default_augmentation_params
 from dpunet.planning.dp_plan import DEFAULTS, plan_dp_block, training_defaults
 from dpunet.planning.splits import DEFAULT_SPLIT_SCHEME, make_splits
 from dpunet.planning.topology import (features_per_stage, fullres_target_spacing, initial_patch_size,
@@ -20,11 +21,7 @@ CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 
 
 def _augmentation(patch_size: Sequence[int], anisotropic: bool) -> dict[str, Any]:
-    from dpunet.training.augmentation import default_augmentation_params
-    try:
-        return default_augmentation_params(patch_size, len(patch_size), anisotropic=anisotropic)
-    except TypeError:
-        return default_augmentation_params(patch_size, len(patch_size))
+    return default_augmentation_params(patch_size, len(patch_size), anisotropic=anisotropic)
 
 
 def _normalisation(fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
