@@ -23,7 +23,7 @@ from dpunet.architectures import (
     validate_for_dp,
 )
 from dpunet.architectures.building_blocks import NearestUpsample, WSConv2d, clipped_num_groups
-from dpunet.training.loss import SegmentationLoss, downsample_seg_for_deep_supervision
+from dpunet.learning.loss import SegmentationLoss, downsample_seg_for_deep_supervision
 from dpunet.utils.errors import DpunetError
 from tests.conftest import shared_path
 

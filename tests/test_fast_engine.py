@@ -17,7 +17,7 @@ from dpunet.privacy.engines.fast import FastGradientEngine
 from dpunet.privacy.engines.fast_cost import choose_weight_strategy
 from dpunet.privacy.engines.fast_layers import ConvRule
 from dpunet.privacy.engines.reference import ReferenceLoopEngine
-from dpunet.training.loss import SegmentationLoss, downsample_seg_for_deep_supervision
+from dpunet.learning.loss import SegmentationLoss, downsample_seg_for_deep_supervision
 from dpunet.utils.errors import DpunetError
 
 # CoverageNet's kernel-2 'same' conv makes torch pad asymmetrically (and say so): that path is covered on purpose

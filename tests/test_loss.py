@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from dpunet.training.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
+from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.utils.errors import DpunetError
 
 C = 4  # classes 0..3, ignore label 4

@@ -9,7 +9,7 @@ import torch
 
 from dpunet.pretraining.cli import main as pretrain_main
 from dpunet.pretraining.random_images import random_segmentation_batch, random_segmentation_sample
-from dpunet.training.checkpoint import load_checkpoint, save_checkpoint
+from dpunet.learning.checkpoint import load_checkpoint, save_checkpoint
 from dpunet.training.initialisation import weights_sha256
 from dpunet.utils.errors import DpunetError
 from tests.test_training import env, make_trainer, roots  # noqa: F401  (shared synthetic task)

@@ -62,7 +62,7 @@ def measure_auto_engine(model: nn.Module, patch: list[int], channels: int, class
 
     from dpunet.privacy.engines.base import PatientBatch
     from dpunet.privacy.engines.registry import AUTO_CANDIDATES, benchmark_engines
-    from dpunet.training.loss import SegmentationLoss
+    from dpunet.learning.loss import SegmentationLoss
 
     g = torch.Generator().manual_seed(0)
     batch = PatientBatch(torch.randn(1, 2, channels, *patch, generator=g),

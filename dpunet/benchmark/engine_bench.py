@@ -245,7 +245,7 @@ class StepRunner:
 def make_batch(net: BenchNet, patches: int, device: torch.device, seed: int):
     """Random images and label maps (B, K, ...) with deep-supervision targets for every decoder level."""
     from dpunet.privacy.engines.base import PatientBatch
-    from dpunet.training.loss import downsample_seg_for_deep_supervision
+    from dpunet.learning.loss import downsample_seg_for_deep_supervision
 
     gen = torch.Generator().manual_seed(seed)
     shape = (net.patients, patches)
@@ -267,7 +267,7 @@ def bench_net(net: BenchNet, methods: Sequence[Method], patches: int, device: to
               steps: int, warmup: int, interleave: bool, clip_norm: float, noise_multiplier: float, lr: float,
               seed: int, log: Callable[[str], None]) -> list[Measurement]:
     from dpunet.architectures import build_network
-    from dpunet.training.loss import SegmentationLoss
+    from dpunet.learning.loss import SegmentationLoss
 
     torch.manual_seed(seed)
     base = build_network(net.architecture(), net.in_channels, net.num_classes, deep_supervision=True)

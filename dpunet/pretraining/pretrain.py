@@ -20,9 +20,9 @@ import dpunet
 from dpunet.architectures import apply_preset, build_network, is_monai_arch
 from dpunet.paths import results_root
 from dpunet.pretraining.random_images import random_segmentation_batch
-from dpunet.training.checkpoint import save_checkpoint
-from dpunet.training.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
-from dpunet.training.schedule import lr_factor, make_optimizer
+from dpunet.learning.checkpoint import save_checkpoint
+from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
+from dpunet.learning.schedule import lr_factor, make_optimizer
 
 PUBLIC_SOURCE = "images of random processes (dpunet.pretraining.random_images, seed {seed}): no patient data"
 # the value of --init-from (and of the plan's training.init_from) that asks for this pretraining

@@ -21,7 +21,7 @@ import torch
 
 from dpunet.privacy.engines.base import PatientBatch
 from dpunet.training.augmentation import PatchAugmenter
-from dpunet.training.loss import downsample_seg_for_deep_supervision
+from dpunet.learning.loss import downsample_seg_for_deep_supervision
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import load_json
 

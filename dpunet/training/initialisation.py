@@ -17,7 +17,7 @@ from torch import nn
 
 from dpunet.release import load_release
 from dpunet.release.model_file import FORMAT as RELEASE_FORMAT
-from dpunet.training.checkpoint import load_checkpoint
+from dpunet.learning.checkpoint import load_checkpoint
 from dpunet.utils.errors import DpunetError
 
 # tensors that may differ in shape from the checkpoint (another number of classes): they keep their seeded

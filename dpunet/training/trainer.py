@@ -41,16 +41,16 @@ from dpunet.privacy.sampling import PoissonPatientSampler
 from dpunet.release import CHECKPOINT_FILE, private_folder, release_folder, write_release
 from dpunet.pretraining.pretrain import (RANDOM_IMAGES, PretrainingConfig, pretrain_on_random_images,
                                          pretrained_checkpoint_path)
-from dpunet.training.checkpoint import load_checkpoint, save_checkpoint
+from dpunet.learning.checkpoint import load_checkpoint, save_checkpoint
 from dpunet.training.config import TrainingConfig
 from dpunet.training import distributed
 from dpunet.training.dataloading import PatientPatchSampler, PreprocessedCaseStore, iterate_micro_batches
 from dpunet.training.loader_workers import BackgroundPatientLoader
 from dpunet.training.ema import WeightEMA
 from dpunet.training.initialisation import load_initial_weights
-from dpunet.training.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
+from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.training.progress import TrainingLog, plot_progress
-from dpunet.training.schedule import lr_factor, make_optimizer
+from dpunet.learning.schedule import lr_factor, make_optimizer
 from dpunet.utils.errors import DpunetError, warn
 from dpunet.utils.files import load_json, write_json, write_text
 
