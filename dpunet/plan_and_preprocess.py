@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from dpunet.fingerprint.cli import add_fingerprint_arguments, load_raw_task, run_fingerprint
+from dpunet.dataset.tasks import load_raw_task
+# a console entry point itself: it reuses the options of the three commands it chains
+from dpunet.fingerprint.cli import add_fingerprint_arguments, run_fingerprint
 from dpunet.planning.cli import add_plan_arguments, run_planning
-from dpunet.preprocessing.cli import add_preprocess_arguments, run_preprocessing
+from dpunet.preprocessing.cli import add_preprocess_arguments
+from dpunet.preprocessing.run import preprocess_task
 from dpunet.utils.errors import cli_entry
 
 
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     run_fingerprint(task, args)
     plans = run_planning(task, args)
     if not args.no_preprocess:
-        run_preprocessing(task, list(plans["configurations"]), args.num_processes, args.overwrite)
+        preprocess_task(task, list(plans["configurations"]), args.num_processes, args.overwrite)
     return 0
 
 

@@ -12,7 +12,7 @@ from dpunet.utils.errors import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dpunet.planning.cli import parse_epsilon
+    from dpunet.utils.arguments import parse_epsilon
 
     p = argparse.ArgumentParser(prog="dpunet_audit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

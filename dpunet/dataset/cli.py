@@ -2,21 +2,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Optional
 
-from dpunet import paths
 from dpunet.dataset.msd import load_task
+from dpunet.dataset.tasks import task_folder
 from dpunet.dataset.verify import DEFAULT_GEOMETRY_TOLERANCE, verify_task
 from dpunet.utils.errors import cli_entry
-
-
-def task_folder(task: str) -> Path:
-    """A task id or name resolved against $DPUNET_RAW; an existing folder path is taken as it is."""
-    as_path = Path(task)
-    if (as_path / "dataset.json").is_file():
-        return as_path
-    return paths.raw_root() / paths.resolve_task(task, paths.raw_root())
 
 
 @cli_entry

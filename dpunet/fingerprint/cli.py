@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 
-from dpunet.dataset.msd import TaskInfo, load_task
-from dpunet.fingerprint.extract import extract_fingerprint, write_fingerprint
-from dpunet.paths import preprocessed_root, raw_root, resolve_task
-from dpunet.utils.errors import DpunetError, cli_entry
-from dpunet.utils.files import atomic_write_with
+from dpunet.dataset.msd import TaskInfo
+from dpunet.dataset.tasks import load_raw_task
+from dpunet.fingerprint.run import fingerprint_task
+from dpunet.utils.errors import cli_entry
 
 
 def add_fingerprint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,25 +19,9 @@ def add_fingerprint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ct-epsilon", type=float, default=0.1, help="epsilon of the DP CT statistics (default 0.1)")
 
 
-def load_raw_task(task_arg: str) -> TaskInfo:
-    name = resolve_task(task_arg, raw_root())
-    folder = raw_root() / name
-    if not folder.is_dir():
-        raise DpunetError(f"raw task folder {folder} not found (set DPUNET_RAW)")
-    return load_task(folder)
-
-
 def run_fingerprint(task: TaskInfo, args: argparse.Namespace) -> dict:
-    if args.verify:
-        from dpunet.dataset.verify import verify_task
-        verify_task(task.folder, num_processes=args.num_processes)
-    out_dir = preprocessed_root() / task.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = extract_fingerprint(task, args.num_processes, args.ct_statistics, args.ct_epsilon)
-    write_fingerprint(fingerprint, out_dir)
-    atomic_write_with(out_dir / "dataset.json", lambda tmp: shutil.copyfile(task.folder / "dataset.json", tmp))
-    print(f"fingerprint: {out_dir / 'dataset_fingerprint.json'}")
-    return fingerprint
+    """fingerprint_task with the options of add_fingerprint_arguments."""
+    return fingerprint_task(task, args.num_processes, args.verify, args.ct_statistics, args.ct_epsilon)
 
 
 @cli_entry

@@ -23,7 +23,7 @@ def _step_size(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from dpunet.inference.predictor import DEFAULT_FOLDS
-    from dpunet.planning.cli import parse_epsilon
+    from dpunet.utils.arguments import parse_epsilon
 
     p = argparse.ArgumentParser(prog="dpunet_predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_random_images, pretrained_checkpoint_path
-from dpunet.training.cli import _default_configuration
-from dpunet.training.trainer import load_training_inputs
+from dpunet.planning.plans import default_configuration, load_training_inputs
 from dpunet.utils.errors import DpunetError, cli_entry
 
 
@@ -44,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    configuration = args.configuration or _default_configuration(args.task)
+    configuration = args.configuration or default_configuration(args.task)
     task_name, _, plan_config, _, task = load_training_inputs(args.task, configuration)
     plan, fallback = plan_config.get("training", {}), PretrainingConfig()
     cfg = PretrainingConfig(

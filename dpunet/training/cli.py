@@ -13,10 +13,11 @@ import json
 import torch
 
 from dpunet.architectures import TRAINABLE_SUBSETS
-from dpunet.planning.cli import parse_epsilon
 from dpunet.training import distributed
 from dpunet.training.config import merge_plan_and_options
-from dpunet.training.trainer import DPTrainer, load_plans, load_training_inputs
+from dpunet.planning.plans import default_configuration, load_training_inputs
+from dpunet.training.trainer import DPTrainer
+from dpunet.utils.arguments import parse_epsilon
 from dpunet.utils.errors import DpunetError, cli_entry
 
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if options["device"].startswith("cuda") and not torch.cuda.is_available():
         raise DpunetError("--device cuda requested but no CUDA device is available")
-    configuration = configuration or _default_configuration(args.task)
+    configuration = configuration or default_configuration(args.task)
     options["configuration"] = configuration
     _, _, plan_config, _, _ = load_training_inputs(args.task, configuration)
     # ---- distributed: under torchrun join the process group (NCCL on cuda:<LOCAL_RANK>, else gloo)
@@ -115,11 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         print("validation Dice: " + json.dumps({k: round(v["Dice"], 4) for k, v in mean.items()}))
     print(f"outputs: {result['output_dir']}")
     return 0
-
-
-def _default_configuration(task: str) -> str:
-    planned = load_plans(task)[1]["configurations"]
-    return "3d_fullres" if "3d_fullres" in planned else next(iter(planned))
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 import dpunet
 from dpunet.architectures import apply_preset, build_network, select_trainable, validate_for_dp
-from dpunet.dataset.msd import TaskInfo
 from dpunet.evaluation.cross_validation import run_folder_name
-from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
-from dpunet.planning.cli import load_preprocessed_task
+from dpunet.paths import preprocessed_root, results_root
+# importable from here as well: many callers read the plans through the trainer's module
+from dpunet.planning.plans import load_plans, load_training_inputs  # noqa: F401
 from dpunet.planning.dp_plan import hyperparameter_statement
 from dpunet.planning.splits import fold_cases, split_statement
 from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, check_delta
@@ -52,30 +52,11 @@ from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, dow
 from dpunet.training.progress import TrainingLog, plot_progress
 from dpunet.learning.schedule import lr_factor, make_optimizer
 from dpunet.utils.errors import DpunetError, warn
-from dpunet.utils.files import load_json, write_json, write_text
+from dpunet.utils.files import write_json, write_text
 
 
 def run_directory(cfg: TrainingConfig) -> Path:
     return results_root() / cfg.task / run_folder_name(cfg.arch, cfg.configuration, cfg.epsilon) / f"fold_{cfg.fold}"
-
-
-def load_plans(task_arg: str) -> tuple[str, dict[str, Any]]:
-    """(task name, dpunet_plans.json) with a clear error when planning has not been run."""
-    task_name = resolve_task(task_arg, preprocessed_root(), raw_root())
-    plans_path = preprocessed_root() / task_name / "dpunet_plans.json"
-    if not plans_path.is_file():
-        raise DpunetError(f"{plans_path} not found: run dpunet_plan_and_preprocess -t {task_arg} first")
-    return task_name, load_json(plans_path)
-
-
-def load_training_inputs(task_arg: str, configuration: str) -> tuple[str, dict[str, Any], dict[str, Any], list, TaskInfo]:
-    """(task name, plans, configuration entry, splits, raw task) with clear errors for anything missing."""
-    task_name, plans = load_plans(task_arg)
-    if configuration not in plans["configurations"]:
-        raise DpunetError(f"configuration '{configuration}' is not planned for {task_name} "
-                          f"(planned: {', '.join(plans['configurations'])})")
-    splits = load_json(preprocessed_root() / task_name / "splits_final.json")
-    return task_name, plans, plans["configurations"][configuration], splits, load_preprocessed_task(task_name)
 
 
 # in units of C; De et al.'s CIFAR-10 recipe (sigma 3, batch 4096, 2.7M parameters) runs at about 1.2. Above it,
