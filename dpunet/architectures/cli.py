@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpunet.architectures.classic_nets import CLASSIC_ARCHITECTURES
 from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES
 from dpunet.architectures.presets import ARCHITECTURE_PRESETS, apply_preset, architecture_names
 from dpunet.architectures.registry import build_network, count_parameters
@@ -42,6 +43,8 @@ def source_and_dims(name: str, plan_arch: dict[str, Any]) -> tuple[str, str]:
     if name in MONAI_ARCHITECTURES:
         entry = MONAI_ARCHITECTURES[name]
         return f"MONAI {entry.monai_class}", "/".join(f"{d}D" for d in entry.dims)
+    if name in CLASSIC_ARCHITECTURES:  # dpunet's own DeepLabV3+, FPN, PSPNet, LinkNet: the source is the paper
+        return CLASSIC_ARCHITECTURES[name].paper, "2D/3D"
     class_name = ARCHITECTURE_PRESETS[name]["class_name"] or plan_arch["class_name"]
     return f"dpunet {class_name}", "2D/3D"
 

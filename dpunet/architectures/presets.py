@@ -12,6 +12,7 @@ import copy
 import math
 from typing import Any, Sequence
 
+from dpunet.architectures.classic_nets import CLASSIC_ARCHITECTURES, classic_spec
 from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES, monai_spec
 from dpunet.utils.errors import DpunetError
 
@@ -79,8 +80,8 @@ def scale_features(features: list[int], width_multiplier: float, divisor: int) -
 
 
 def architecture_names() -> list[str]:
-    """Every `--arch` name: the U-Net presets, then the MONAI networks."""
-    return [*ARCHITECTURE_PRESETS, *MONAI_ARCHITECTURES]
+    """Every `--arch` name: the U-Net presets, the MONAI networks, then the classic families (classic_nets)."""
+    return [*ARCHITECTURE_PRESETS, *MONAI_ARCHITECTURES, *CLASSIC_ARCHITECTURES]
 
 
 def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float = 1.0,
@@ -94,7 +95,7 @@ def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float
     (ceil(convs/2); a block holds two convs) and back (2 per block). The features are multiplied by
     `width_multiplier` and kept divisible by GroupNorm's group count. The result records "preset" and
     "width_multiplier" next to class_name and kwargs."""
-    if preset not in ARCHITECTURE_PRESETS and preset not in MONAI_ARCHITECTURES:
+    if preset not in architecture_names():
         raise DpunetError(f"unknown architecture {preset!r}; known: {', '.join(architecture_names())}")
     if not isinstance(arch_spec, dict) or "class_name" not in arch_spec or "kwargs" not in arch_spec:
         raise DpunetError(f"architecture spec must have 'class_name' and 'kwargs', got {arch_spec!r}")
@@ -102,6 +103,9 @@ def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float
         raise DpunetError(f"width multiplier must be a positive number, got {width_multiplier!r}")
     if preset in MONAI_ARCHITECTURES:
         return monai_spec(preset, arch_spec, patch_size, float(width_multiplier))
+
+    if preset in CLASSIC_ARCHITECTURES:  # DeepLabV3+, FPN, PSPNet, LinkNet: built for the plan's patch size
+        return classic_spec(preset, arch_spec, patch_size, float(width_multiplier))
 
     entry = ARCHITECTURE_PRESETS[preset]
     old_class = arch_spec["class_name"]

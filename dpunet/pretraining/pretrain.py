@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import dpunet
 from dpunet.architectures import apply_preset, build_network, is_monai_arch
+from dpunet.architectures.classic_nets import is_classic_arch
 from dpunet.paths import results_root
 from dpunet.pretraining.random_images import random_segmentation_batch
 from dpunet.learning.checkpoint import save_checkpoint
@@ -60,7 +61,7 @@ def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, nu
     patch = plan_config["patch_size"]
     arch = apply_preset(plan_config["architecture"], cfg.arch, cfg.width, patch)
     # MONAI networks give one output: no deep supervision (as in dpunet_train)
-    deep_supervision = cfg.deep_supervision and not is_monai_arch(cfg.arch)
+    deep_supervision = cfg.deep_supervision and not (is_monai_arch(cfg.arch) or is_classic_arch(cfg.arch))
     model = build_network(arch, num_channels, num_classes, deep_supervision).to(cfg.device)
     strides = arch["kwargs"]["strides"] if deep_supervision else [[1] * len(patch)] * 2
     n_out = len(strides) - 1 if deep_supervision else 1
