@@ -4,11 +4,15 @@ clipped sums of the functorch engine equal the per-patient reference loop, and a
 end and is rebuilt from its release file. Tiny widths and patches keep the file fast."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from dpunet.architectures import MONAI_ARCHITECTURES, apply_preset, build_network, count_parameters, validate_for_dp
+from dpunet.architectures import (MONAI_ARCHITECTURES, apply_preset, arch_for_configuration, build_network,
+                                  count_parameters, validate_for_dp)
+from dpunet.architectures.monai_nets import adapt_patch_size
 from dpunet.architectures.dp_conversion import largest_divisor_at_most, make_dp_compatible
 from dpunet.privacy.engines import PatientBatch, make_engine
 from dpunet.training.loss import SegmentationLoss
@@ -75,10 +79,8 @@ def test_builds_fit_for_dp_without_batchnorm(name, dim):
 def test_refusals_name_the_constraint():
     with pytest.raises(DpunetError, match="3D only"):
         apply_preset(plan_arch(2), "vnet", 1.0, [32, 32])
-    with pytest.raises(DpunetError, match=r"divisible by \[16, 16\]"):
-        apply_preset(plan_arch(2), "unetr", 0.0625, [24, 32])
-    with pytest.raises(DpunetError, match="single voxel"):
-        apply_preset(plan_arch(3), "basic_unet", 0.0625, [16, 16, 16])
+    with pytest.raises(DpunetError, match=r"divisible by \[16, 16\].*no room"):
+        apply_preset(plan_arch(2), "unetr", 0.0625, [24, 16], image_size=[24, 16])
     with pytest.raises(DpunetError, match="patch size"):
         apply_preset(plan_arch(2), "monai_unet", 1.0)
     # SwinUNETR's window attention owns parameters and an index buffer: Opacus' fallback refuses such modules
@@ -87,6 +89,54 @@ def test_refusals_name_the_constraint():
         build_network(spec, 1, NUM_CLASSES, False)
     with pytest.raises(DpunetError, match="without deep supervision"):
         build_network(apply_preset(plan_arch(2), "monai_unet", 0.25, [16, 16]), 1, NUM_CLASSES, True)
+
+
+# ------------------------------------------------------------------------------------ patch adaptation
+# (patch, divisor, median image size, expected): worked out by hand from the rule (round up within the image,
+# else down but not below the divisor; a one-voxel bottleneck grows the axis with the most room)
+ADAPTATIONS = [
+    ([10, 32, 32], [16] * 3, [10, 32, 32], [16, 32, 32]),  # the synthetic 3D task: 10 cannot round down
+    ([40, 56, 40], [16] * 3, [36, 50, 35], [32, 48, 32]),  # hippocampus-like: up would leave the image
+    ([24, 32], [16, 16], None, [32, 32]),  # no image size known: round up
+    ([20, 20], [8, 8], [100, 100], [24, 24]),
+    ([33, 64], [32, 32], [40, 64], [32, 64]),
+    ([32, 32], [32, 32], [80, 40], [64, 32]),  # one-voxel bottleneck: the axis with room grows
+    ([16, 16, 16], [16] * 3, None, [16, 16, 32]),
+    ([8, 16, 16], [1, 4, 4], [8, 20, 20], [8, 16, 16]),  # already fitting: unchanged
+]
+
+
+@pytest.mark.parametrize("patch,divisor,image,expected", ADAPTATIONS)
+def test_patch_adaptation_finds_the_nearest_fitting_patch(patch, divisor, image, expected):
+    got, reason = adapt_patch_size("net", patch, divisor, image)
+    assert got == expected
+    assert all(g % d == 0 and g >= d for g, d in zip(got, divisor))
+    assert math.prod(g // d for g, d in zip(got, divisor)) >= 2
+    assert (reason == "") == (got == patch)
+    if reason:
+        assert str(divisor) in reason and str(patch) in reason and str(expected) in reason
+
+
+def test_the_spec_and_configuration_carry_the_adapted_patch():
+    from dpunet.training.augmentation import PatchAugmenter, default_augmentation_params
+
+    config = {"architecture": plan_arch(3), "patch_size": [10, 32, 32], "median_shape": [10.0, 32.0, 32.0],
+              "patients_per_micro_batch": 6, "batch_size": 12, "dp": {"patches_per_patient": 2},
+              "augmentation": default_augmentation_params([10, 32, 32], 3)}
+    spec, adapted = arch_for_configuration(config, "unetr", 0.0625)
+    assert spec["patch_size"] == [16, 32, 32] and spec["patch_size_adapted_from"] == [10, 32, 32]
+    assert "divisible by [16, 16, 16]" in spec["patch_size_adapted_because"]
+    assert spec["kwargs"]["monai_kwargs"]["img_size"] == [16, 32, 32]  # UNETR is built for the adapted patch
+    assert adapted["patch_size"] == [16, 32, 32] and adapted["patch_size_planned"] == [10, 32, 32]
+    assert config["patch_size"] == [10, 32, 32]  # the plan itself is untouched
+    # 6 patients of 10x32x32 patches -> floor(6 * 10 / 16) = 3 of 16x32x32
+    assert adapted["patients_per_micro_batch"] == 3 and adapted["batch_size"] == 6
+    augmenter = PatchAugmenter(adapted["augmentation"])
+    assert augmenter.patch_size == [16, 32, 32]
+    assert augmenter.source_size == default_augmentation_params([16, 32, 32], 3)["source_patch_size"]
+    # a fitting patch leaves the configuration as it is (the same object)
+    spec, same = arch_for_configuration(config, "monai_unet", 0.25)
+    assert same is config and spec["patch_size"] == [10, 32, 32] and "patch_size_adapted_from" not in spec
 
 
 # ------------------------------------------------------------------------------------------- conversion
@@ -182,7 +232,7 @@ def test_train_monai_unet_end_to_end_and_rebuild_from_release(tmp_path, use_root
                         "--patients-per-micro-batch", "2"])
     assert done.value.code == 0, capsys.readouterr().err[-2000:]
     assert "trains without deep supervision" in capsys.readouterr().err
-    release = roots["results"] / "Task990_Synthetic3D" / "monai_unet__3d_fullres__eps8" / "fold_0" / "release"
+    release = roots["results"] / "Task990_Synthetic3D" / "monai_unet__3d_fullres__eps8__init-none" / "fold_0" / "release"
     model_path = release / "model_release.pt"
     assert model_path.is_file()
     fold_model = load_fold_model(model_path)
@@ -192,6 +242,54 @@ def test_train_monai_unet_end_to_end_and_rebuild_from_release(tmp_path, use_root
     with torch.no_grad():
         out = net(torch.randn(1, 1, *patch))
     assert out.shape == (1, fold_model.num_classes, *patch) and torch.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def synthetic_3d(tmp_path_factory):
+    """The synthetic task planned in 3D: its patch (10, 32, 32) fits neither UNETR nor BasicUNet (16)."""
+    return plan_synthetic_task(tmp_path_factory.mktemp("adapt"), "-c", "3d_fullres", "--width", "0.25", "--steps",
+                               "1", "--patients-per-step", "3", "--patches-per-patient", "2")
+
+
+@pytest.mark.parametrize("name,width", [("unetr", 0.0625),
+                                        pytest.param("basic_unet", 0.0625, marks=pytest.mark.slow)])
+def test_adapted_patch_trains_releases_and_predicts_in_the_input_geometry(name, width, synthetic_3d, use_roots,
+                                                                          tmp_path, capsys):
+    import shutil
+
+    from dpunet.dataset.io import read_image, read_label
+    from dpunet.evaluation.cross_validation import run_folder_name
+    from dpunet.inference.predictor import load_fold_model, predict_folder
+    from dpunet.training import cli as train_cli
+
+    roots = use_roots(synthetic_3d)
+    task = roots["results"] / "Task990_Synthetic3D"
+    with pytest.raises(SystemExit) as done:
+        train_cli.main(["990", "0", "--eps", "8", "-c", "3d_fullres", "--arch", name, "--width", str(width),
+                        "--init-from", "none", "--engine", "fast", "--no-validation", "--device", "cpu"])
+    assert done.value.code == 0, capsys.readouterr().err[-2000:]
+    assert "patch size adapted: --arch" in capsys.readouterr().out
+    [model_path] = task.glob(f"{name}__3d_fullres__*/fold_0/release/model_release.pt")
+    fold_model = load_fold_model(model_path)
+    assert fold_model.plan_configuration["patch_size"] == [16, 32, 32]
+    released = torch.load(model_path, weights_only=True)
+    assert released["architecture"]["patch_size"] == [16, 32, 32]
+    assert released["architecture"]["patch_size_adapted_from"] == [10, 32, 32]
+    # the run folder under the name dpunet_predict finds with its default options
+    run_dir = model_path.parents[2]
+    canonical = task / run_folder_name(name, "3d_fullres", 8.0)
+    if run_dir != canonical:
+        shutil.move(run_dir, canonical)
+    images = roots["raw"] / "Task990_Synthetic3D" / "imagesTs"
+    out = tmp_path / "pred"
+    predict_folder(images, out, "990", "3d_fullres", [0], 8.0, arch=name, num_processes=0, use_mirroring=False,
+                   device="cpu", progress=False)
+    cases = sorted(p.name for p in images.glob("*.nii.gz"))  # MSD names: one file per case
+    assert len(cases) == 2
+    for case in cases:
+        image, g_in = read_image(images / case)
+        seg, g_out = read_label(out / case)
+        assert g_in.matches(g_out) == [] and seg.shape == image.shape[1:] == g_in.shape
 
 
 # ------------------------------------------------------------------------------------------- dpunet_archs
@@ -225,3 +323,8 @@ def test_random_image_pretraining_runs_a_monai_network_without_deep_supervision(
     assert state["architecture"]["class_name"] == "MonaiNet"
     rebuilt = build_network(state["architecture"], 1, NUM_CLASSES, False)
     rebuilt.load_state_dict(state["weights"])
+    # a patch UNETR cannot take: the pretraining trains on the adapted patch, as dpunet_train does
+    plan_config = {"architecture": plan_arch(3), "patch_size": [10, 32, 32], "median_shape": [10, 32, 32]}
+    cfg = PretrainingConfig(arch="unetr", width=0.0625, steps=1, batch_size=1)
+    pretrain_on_random_images(plan_config, 1, NUM_CLASSES, cfg, out, "TaskTest")
+    assert torch.load(out, weights_only=True)["architecture"]["patch_size"] == [16, 32, 32]

@@ -6,7 +6,8 @@
 from dpunet.architectures.registry import NETWORK_CLASSES, build_network, count_parameters, validate_for_dp
 from dpunet.architectures.dp_conversion import make_dp_compatible
 from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES, MonaiNet, is_monai_arch
-from dpunet.architectures.presets import ARCHITECTURE_PRESETS, BASELINE_AXES, apply_preset, architecture_names
+from dpunet.architectures.presets import (ARCHITECTURE_PRESETS, BASELINE_AXES, apply_preset, arch_for_configuration,
+                                         architecture_names, configuration_for_arch)
 from dpunet.architectures.trainable import TRAINABLE_SUBSETS, select_trainable
 from dpunet.architectures.unet import PlainConvUNet, ResidualEncoderUNet, UNetBase, UNetConfig, output_shapes
 
@@ -22,11 +23,13 @@ __all__ = [
     "UNetBase",
     "UNetConfig",
     "apply_preset",
+    "arch_for_configuration",
     "architecture_names",
     "is_monai_arch",
     "make_dp_compatible",
     "select_trainable",
     "build_network",
+    "configuration_for_arch",
     "count_parameters",
     "output_shapes",
     "validate_for_dp",

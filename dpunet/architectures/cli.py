@@ -21,7 +21,7 @@ from torch import nn
 
 from dpunet.architectures.classic_nets import CLASSIC_ARCHITECTURES
 from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES
-from dpunet.architectures.presets import ARCHITECTURE_PRESETS, apply_preset, architecture_names
+from dpunet.architectures.presets import ARCHITECTURE_PRESETS, arch_for_configuration, architecture_names
 from dpunet.architectures.registry import build_network, count_parameters
 from dpunet.utils.errors import DpunetError, cli_entry
 
@@ -85,7 +85,7 @@ def describe(name: str, config: dict[str, Any], channels: int, classes: int, wid
     row = {"name": name, "source": source, "dims": dims, "params": "-", "engines": ""}
     try:
         torch.manual_seed(0)
-        spec = apply_preset(config["architecture"], name, width, config["patch_size"])
+        spec, config = arch_for_configuration(config, name, width)
         model = build_network(spec, channels, classes, False)
     except DpunetError as e:
         row["engines"] = "refused: " + " ".join(str(e).split())[:160]
@@ -99,6 +99,8 @@ def describe(name: str, config: dict[str, Any], channels: int, classes: int, wid
     return row
 
 
+    if "patch_size_adapted_from" in spec:
+        row["engines"] += f"; patch {spec['patch_size_adapted_from']} -> {spec['patch_size']}"
 def load_configuration(task: str, configuration: str) -> tuple[dict[str, Any], int, int]:
     """(plan configuration, channels, classes) of a planned task."""
     from dpunet.training.trainer import load_training_inputs

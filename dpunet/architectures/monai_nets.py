@@ -137,24 +137,53 @@ def is_monai_arch(name: str) -> bool:
     return name in MONAI_ARCHITECTURES
 
 
-def _check_patch(name: str, patch: list[int], divisor: list[int]) -> None:
-    bad = [a for a, (p, d) in enumerate(zip(patch, divisor)) if p % d]
-    if bad:
-        raise DpunetError(f"--arch {name} needs a patch size divisible by {divisor} (per axis); the plan's patch "
-                          f"size is {patch} (axes {bad} are not): plan a patch size that is a multiple of it, "
-                          f"e.g. {[max(d, p // d * d) for p, d in zip(patch, divisor)]}")
-    # a one-voxel bottleneck: per-sample norms there have nothing to normalise over (InstanceNorm refuses it)
-    if math.prod(p // d for p, d in zip(patch, divisor)) < 2:
-        raise DpunetError(f"--arch {name} down-samples the patch {patch} by {divisor} to a single voxel; plan a "
-                          f"patch at least twice that size on one axis")
+def _bottleneck_voxels(patch: Sequence[int], divisor: Sequence[int]) -> int:
+    return int(math.prod(p // d for p, d in zip(patch, divisor)))
+
+
+def adapt_patch_size(name: str, patch: Sequence[int], divisor: Sequence[int],
+                     image_size: Sequence[float] | None = None) -> tuple[list[int], str]:
+    """(patch size, reason) the network `name` is built for: the plan's patch when it meets the per-axis
+    `divisor`, else the nearest patch that does (the reason says why; empty when unchanged).
+
+    Per axis: round up to a multiple of the divisor when that stays within the image (the larger of the median
+    image extent `image_size` and the plan's patch: the planner already accepted that much padding), else round
+    down, never below the divisor. A patch that the network down-samples to a single voxel (per-sample norms
+    have nothing to normalise there; InstanceNorm refuses it) grows by one divisor along the axis with the most
+    room in the image. Refuses (DpunetError naming the constraint) when no such patch fits the images."""
+    patch = [int(p) for p in patch]
+    divisor = [int(d) for d in divisor]
+    limit = None if image_size is None else [max(p, int(math.floor(i))) for p, i in zip(patch, image_size)]
+    adapted = []
+    for a, (p, d) in enumerate(zip(patch, divisor)):
+        up = -(-p // d) * d
+        adapted.append(up if limit is None or up <= limit[a] else max(d, p // d * d))
+    if _bottleneck_voxels(adapted, divisor) < 2:
+        room = [(limit[a] - adapted[a] if limit is not None else 0) - divisor[a] for a in range(len(adapted))]
+        axis = max(range(len(adapted)), key=lambda a: (room[a], a))
+        if limit is not None and room[axis] < 0:
+            raise DpunetError(f"--arch {name} needs a patch size divisible by {divisor} (per axis) that keeps at "
+                              f"least 2 voxels after down-sampling by {divisor}; the images of this configuration "
+                              f"(median shape {[int(v) for v in image_size]}, plan patch {patch}) have no room for "
+                              f"one: choose another --arch or a configuration with larger images")
+        adapted[axis] += divisor[axis]
+    if adapted == patch:
+        return adapted, ""
+    return adapted, (f"--arch {name} needs a patch size divisible by {divisor} (per axis) with at least 2 voxels "
+                     f"at its bottleneck: the plan's patch size {patch} is adapted to {adapted}")
 
 
 def monai_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int] | None, width: float = 1.0,
-               dp_norm: str = "group", num_groups: int = 8) -> dict[str, Any]:
-    """The architecture spec of MONAI name `name` for a plan (its "architecture" entry and patch size).
+               dp_norm: str = "group", num_groups: int = 8,
+               image_size: Sequence[float] | None = None) -> dict[str, Any]:
+    """The architecture spec of MONAI name `name` for a plan (its "architecture" entry, its patch size and,
+    when known, the configuration's median image size).
 
+    The spec's "patch_size" is the patch the network is built for: the plan's patch, or the nearest one that
+    meets the architecture's divisibility (`adapt_patch_size`), recorded with "patch_size_adapted_from" and
+    "patch_size_adapted_because"; training, pretraining, validation and prediction use it.
     Refuses (DpunetError) a dimension the architecture does not exist in, a missing patch size, and a patch
-    size that does not meet the architecture's divisibility."""
+    size that cannot be adapted."""
     entry = MONAI_ARCHITECTURES[name]
     kwargs = plan_arch.get("kwargs", {})
     dim = int(kwargs.get("dim", len(patch_size or [])))
@@ -163,16 +192,22 @@ def monai_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int] |
                           f"only; this configuration is {dim}D")
     if patch_size is None:
         raise DpunetError(f"--arch {name} is built for a patch size; pass the plan configuration's patch_size")
-    patch = [int(p) for p in patch_size]
-    if len(patch) != dim:
-        raise DpunetError(f"patch size {patch} does not have {dim} axes")
-    monai_kwargs, divisor = entry.make_kwargs(kwargs, patch, width)
-    _check_patch(name, patch, divisor)
-    return {"class_name": MONAI_CLASS_NAME,
+    planned = [int(p) for p in patch_size]
+    if len(planned) != dim:
+        raise DpunetError(f"patch size {planned} does not have {dim} axes")
+    if image_size is not None and len(image_size) != dim:
+        raise DpunetError(f"image size {list(image_size)} does not have {dim} axes")
+    _, divisor = entry.make_kwargs(kwargs, planned, width)  # the divisor does not depend on the patch
+    patch, reason = adapt_patch_size(name, planned, divisor, image_size)
+    monai_kwargs, _ = entry.make_kwargs(kwargs, patch, width)
+    spec = {"class_name": MONAI_CLASS_NAME,
             "kwargs": {"name": name, "monai_class": entry.monai_class, "dim": dim, "monai_kwargs": monai_kwargs,
                        "dp_norm": dp_norm, "num_groups": int(num_groups), "required_divisor": divisor,
                        "width_applied": entry.width_applied},
-            "preset": name, "width_multiplier": float(width)}
+            "preset": name, "width_multiplier": float(width), "patch_size": patch}
+    if reason:
+        spec.update(patch_size_adapted_from=planned, patch_size_adapted_because=reason)
+    return spec
 
 
 class MonaiNet(nn.Module):

@@ -85,11 +85,14 @@ def architecture_names() -> list[str]:
 
 
 def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float = 1.0,
-                 patch_size: Sequence[int] | None = None) -> dict[str, Any]:
+                 patch_size: Sequence[int] | None = None, image_size: Sequence[float] | None = None
+                 ) -> dict[str, Any]:
     """A new architecture spec: the planned `arch_spec` with the preset's axes and widened features.
 
     A MONAI name (dpunet.architectures.monai_nets) gives a "MonaiNet" spec built from the plan's topology and
-    `patch_size` (required for those names: some of them are built for one input size).
+    `patch_size` (required for those names: some of them are built for one input size); a patch size the
+    network cannot take is adapted (within `image_size`, the configuration's median image size, when given)
+    and the spec's "patch_size" says which one it is built for (`configuration_for_arch`).
 
     Switching between the plain and the residual U-Net maps convs per stage to residual blocks per stage
     (ceil(convs/2); a block holds two convs) and back (2 per block). The features are multiplied by
@@ -102,7 +105,7 @@ def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float
     if not (isinstance(width_multiplier, (int, float)) and math.isfinite(width_multiplier) and width_multiplier > 0):
         raise DpunetError(f"width multiplier must be a positive number, got {width_multiplier!r}")
     if preset in MONAI_ARCHITECTURES:
-        return monai_spec(preset, arch_spec, patch_size, float(width_multiplier))
+        return monai_spec(preset, arch_spec, patch_size, float(width_multiplier), image_size=image_size)
 
     if preset in CLASSIC_ARCHITECTURES:  # DeepLabV3+, FPN, PSPNet, LinkNet: built for the plan's patch size
         return classic_spec(preset, arch_spec, patch_size, float(width_multiplier))
@@ -129,3 +132,46 @@ def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float
             "norm", "GroupNorm") == "GroupNorm" else 1
         kwargs["features_per_stage"] = scale_features(kwargs["features_per_stage"], width_multiplier, divisor)
     return {"class_name": new_class, "kwargs": kwargs, "preset": preset, "width_multiplier": float(width_multiplier)}
+
+
+def configuration_image_size(plan_config: dict[str, Any]) -> list[float] | None:
+    """The median image size of a plan configuration in its patch's axes (2D: the last two), when recorded."""
+    median = plan_config.get("median_shape")
+    dim = len(plan_config["patch_size"])
+    return None if not median or len(median) < dim else [float(v) for v in median[-dim:]]
+
+
+def arch_for_configuration(plan_config: dict[str, Any], preset: str, width_multiplier: float = 1.0
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(architecture spec, plan configuration it trains and predicts with) of `preset` for a plan
+    configuration: the configuration is `plan_config` itself, or a copy with the spec's adapted patch size
+    (`configuration_for_arch`)."""
+    spec = apply_preset(plan_config["architecture"], preset, width_multiplier, plan_config["patch_size"],
+                        configuration_image_size(plan_config))
+    return spec, configuration_for_arch(plan_config, spec)
+
+
+def configuration_for_arch(plan_config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """`plan_config` when the spec is built for its patch size, else a copy for the spec's "patch_size":
+    the patch, the augmentation's patch (its source patch is recomputed from it when the sampler starts) and
+    the memory model's patients per micro-batch (activations grow with the voxels of a patch: the plan's
+    number scaled down by the voxel ratio, at least 1; never scaled up). It records "patch_size_planned"."""
+    patch = spec.get("patch_size")
+    planned = [int(p) for p in plan_config["patch_size"]]
+    if patch is None or [int(p) for p in patch] == planned:
+        return plan_config
+    patch = [int(p) for p in patch]
+    config = copy.deepcopy(plan_config)
+    config["patch_size"] = patch
+    config["patch_size_planned"] = planned
+    if isinstance(config.get("augmentation"), dict):
+        config["augmentation"]["patch_size"] = patch
+        config["augmentation"].pop("source_patch_size", None)
+    if config.get("patients_per_micro_batch"):
+        ratio = math.prod(planned) / math.prod(patch)
+        per_micro = max(1, min(int(config["patients_per_micro_batch"]),
+                               int(config["patients_per_micro_batch"] * ratio)))
+        config["patients_per_micro_batch"] = per_micro
+        if config.get("batch_size") and config.get("dp"):
+            config["batch_size"] = per_micro * int(config["dp"]["patches_per_patient"])
+    return config

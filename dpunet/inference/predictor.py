@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dpunet.architectures import configuration_for_arch
 from dpunet.evaluation.cross_validation import format_epsilon, run_folder_name
 from dpunet.inference.case_io import (InputCase, check_input_channels, export_prediction, find_input_cases,
                                       input_case_problems, mark_complete, mark_incomplete, preprocess_input_case)
@@ -146,7 +147,8 @@ def load_fold_model(model_path: str | Path, fold: str = "", device: str | torch.
     which = released.metadata.get("inference_weights", "final")
     return FoldModel(fold=str(fold or released.metadata.get("fold", "")),
                      network=network_from_release(released).to(device), model_path=released.path,
-                     plan_configuration=released.plan_configuration, num_classes=released.num_classes,
+                     plan_configuration=configuration_for_arch(released.plan_configuration, released.architecture),
+                     num_classes=released.num_classes,
                      num_channels=released.num_channels, weights_used=which)
 
 

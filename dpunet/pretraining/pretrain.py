@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import dpunet
-from dpunet.architectures import apply_preset, build_network, is_monai_arch
+from dpunet.architectures import arch_for_configuration, build_network, is_monai_arch
 from dpunet.architectures.classic_nets import is_classic_arch
 from dpunet.paths import results_root
 from dpunet.pretraining.random_images import random_segmentation_batch
@@ -58,8 +58,9 @@ def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, nu
     `output` (atomically) and return a summary (losses at the start and the end)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    # the patch the network is built for (a MONAI network may adapt the plan's, as dpunet_train does)
+    arch, plan_config = arch_for_configuration(plan_config, cfg.arch, cfg.width)
     patch = plan_config["patch_size"]
-    arch = apply_preset(plan_config["architecture"], cfg.arch, cfg.width, patch)
     # MONAI networks give one output: no deep supervision (as in dpunet_train)
     deep_supervision = cfg.deep_supervision and not (is_monai_arch(cfg.arch) or is_classic_arch(cfg.arch))
     model = build_network(arch, num_channels, num_classes, deep_supervision).to(cfg.device)

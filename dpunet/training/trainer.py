@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import dpunet
-from dpunet.architectures import apply_preset, build_network, select_trainable, validate_for_dp
+from dpunet.architectures import arch_for_configuration, build_network, select_trainable, validate_for_dp
 from dpunet.evaluation.cross_validation import run_folder_name
 from dpunet.paths import preprocessed_root, results_root
 # importable from here as well: many callers read the plans through the trainer's module
@@ -175,9 +175,17 @@ class DPTrainer:
         cfg = self.cfg
         initial_weights = self._initial_weights_path()
         torch.manual_seed(cfg.seed)
-        # the patch size: MONAI networks (--arch monai_unet, unetr, ...) are built for it (issue 11)
-        self.arch = apply_preset(self.plan_config["architecture"], cfg.arch, cfg.width,
-                                 self.plan_config["patch_size"])
+        # the patch size: MONAI networks (--arch monai_unet, unetr, ...) are built for it (issue 11), and a plan
+        # patch they cannot take is adapted; from here on (data, validation, checkpoint, release) the
+        # configuration is the one with the network's patch size
+        planned = self.plan_config
+        self.arch, self.plan_config = arch_for_configuration(planned, cfg.arch, cfg.width)
+        if self.plan_config is not planned:
+            if distributed.is_main_process():
+                tqdm.write(f"patch size adapted: {self.arch['patch_size_adapted_because']}")
+            if cfg.patients_per_micro_batch == planned.get("patients_per_micro_batch"):
+                # the plan's micro-batch was sized for the plan's patch (an explicit, equal value is treated alike)
+                cfg.patients_per_micro_batch = self.plan_config["patients_per_micro_batch"]
         self.num_classes = self.task.num_classes
         self.model = build_network(self.arch, self.task.num_channels, self.num_classes, cfg.deep_supervision)
         problems = validate_for_dp(self.model) if cfg.private else []
