@@ -242,3 +242,25 @@ def test_train_fpn_2d_end_to_end_rebuild_from_release_and_predict(tmp_path, use_
         image, g_in = read_image(path)
         seg, g_out = read_label(out_dir / path.name.replace("_0000", ""))
         assert g_in.matches(g_out) == [] and seg.shape == image.shape[1:]
+
+
+# ------------------------------------------------------------------------------------- dpunet_bench_engine
+def test_bench_engine_runs_a_classic_arch_with_a_single_output(monkeypatch, capsys):
+    from dpunet.benchmark import engine_bench
+
+    tiny = engine_bench.BenchNet("3D 8x16x16 b2", 3, (8, 16, 16), 2, (8, 16))
+    monkeypatch.setitem(engine_bench.PRESETS, "cpu", [tiny])
+    with pytest.raises(SystemExit) as done:
+        engine_bench.main(["--device", "cpu", "--preset", "cpu", "--arch", "linknet", "--width", str(WIDTH),
+                           "--steps", "1", "--warmup", "0", "--extra-k", "0", "--methods", "fast", "--threads", "1"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| linknet 3D 8x16x16 b2")]
+    assert len(rows) == 2 and "non-private" in rows[0] and "dpunet fast" in rows[1]
+    assert "failed" not in out
+    params = count_parameters(build_network(classic_spec("linknet", tiny.architecture(), [8, 16, 16], WIDTH),
+                                            1, 3, False))
+    assert f"| {params / 1e6:.2f}M |" in rows[1]
+    with pytest.raises(SystemExit) as refused:
+        engine_bench.main(["--arch", "fpn", "--output", "perf.md"])
+    assert refused.value.code == 2 and "without --output" in capsys.readouterr().err

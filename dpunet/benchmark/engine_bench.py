@@ -2,6 +2,7 @@
 
     dpunet_bench_engine [--device cuda|cpu] [--preset gpu|cpu] [--steps 20] [--warmup 3]
                         [--precision fp32|bf16] [--output documentation/performance.md]
+                        [--arch NAME [--width W]]   # any --arch name instead of the reference U-Nets
 
 For every reference U-Net of the preset (nnU-Net topology, GroupNorm(8), LeakyReLU, strided-conv down- and
 transposed-conv up-sampling, deep supervision with `SegmentationLoss`) and every method:
@@ -55,6 +56,21 @@ class BenchNet:
     features_per_stage: tuple[int, ...]
     in_channels: int = 1
     num_classes: int = 3
+    arch: str = "planned"  # --arch NAME: any architecture name, built for this net's plan entry and patch
+    width: float = 1.0
+
+    @property
+    def deep_supervision(self) -> bool:
+        """The U-Net presets train with deep supervision; the other names (MONAI, classic) give one output."""
+        from dpunet.architectures import ARCHITECTURE_PRESETS
+
+        return self.arch in ARCHITECTURE_PRESETS
+
+    def spec(self) -> dict[str, Any]:
+        """The benchmarked network's spec: `arch` applied to the reference U-Net entry (DpunetError if refused)."""
+        from dpunet.architectures import apply_preset
+
+        return apply_preset(self.architecture(), self.arch, self.width, list(self.patch_size))
 
     @property
     def n_stages(self) -> int:
@@ -251,7 +267,8 @@ def make_batch(net: BenchNet, patches: int, device: torch.device, seed: int):
     shape = (net.patients, patches)
     data = torch.randn(*shape, net.in_channels, *net.patch_size, generator=gen)
     seg = torch.randint(0, net.num_classes, (*shape, 1, *net.patch_size), generator=gen)
-    targets = downsample_seg_for_deep_supervision(seg, net.architecture()["kwargs"]["strides"])
+    targets = downsample_seg_for_deep_supervision(seg, net.architecture()["kwargs"]["strides"]) \
+        if net.deep_supervision else [seg]
     return PatientBatch(data.to(device), [t.to(device) for t in targets])
 
 
@@ -270,7 +287,7 @@ def bench_net(net: BenchNet, methods: Sequence[Method], patches: int, device: to
     from dpunet.learning.loss import SegmentationLoss
 
     torch.manual_seed(seed)
-    base = build_network(net.architecture(), net.in_channels, net.num_classes, deep_supervision=True)
+    base = build_network(net.spec(), net.in_channels, net.num_classes, deep_supervision=net.deep_supervision)
     n_params = sum(p.numel() for p in base.parameters() if p.requires_grad)
     loss_fn = SegmentationLoss(net.num_classes)
     batch = make_batch(net, patches, device, seed)
@@ -549,6 +566,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: torch.autocast")
     ap.add_argument("--output", type=Path, default=None,
                     help="write the results into this markdown file (e.g. documentation/performance.md)")
+    ap.add_argument("--arch", default="planned",
+                    help="benchmark this --arch name (a U-Net preset, a MONAI network, deeplabv3plus, fpn, pspnet, "
+                         "linknet) built for each reference net's patch instead of the reference U-Net")
+    ap.add_argument("--width", type=float, default=1.0, help="width multiplier of --arch (1)")
     ap.add_argument("--nets", default=None, help="comma-separated indices (0-based) of the preset's nets to run")
     ap.add_argument("--methods", default=None,
                     help="comma-separated method labels or engine names (default: all; non-private always runs)")
@@ -569,7 +590,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise DpunetError("--steps and --patches-per-patient must be >= 1, --warmup and --extra-k >= 0")
     if args.threads is not None and args.threads < 1:
         raise DpunetError(f"--threads must be >= 1, got {args.threads}")
+    if args.output is not None and (args.arch != "planned" or args.width != 1.0):
+        raise DpunetError("--output rewrites the reference U-Nets' sections of the performance page; run --arch "
+                          "or --width without --output")
     return args
+
+
+def nets_for_arch(nets: Sequence[BenchNet], arch: str, width: float, log: Callable[[str], None]) -> list[BenchNet]:
+    """The preset's nets as `arch` at `width` (names prefixed with the arch); nets whose patch the architecture
+    refuses are reported and left out. A spec built for an adapted patch size is benchmarked at that size."""
+    from dataclasses import replace
+
+    if arch == "planned" and width == 1.0:
+        return list(nets)
+    chosen = []
+    for net in nets:
+        candidate = replace(net, arch=arch, width=float(width), name=f"{arch} {net.name}")
+        try:
+            spec = candidate.spec()
+        except DpunetError as e:
+            log(f"{candidate.name}: refused: {' '.join(str(e).split())}")
+            continue
+        patch = spec.get("patch_size")
+        if patch is not None and tuple(int(p) for p in patch) != tuple(net.patch_size):
+            candidate = replace(candidate, patch_size=tuple(int(p) for p in patch))
+        chosen.append(candidate)
+    if not chosen:
+        raise DpunetError(f"--arch {arch}: every net of the preset was refused (see above)")
+    return chosen
 
 
 def select_methods(spec: str | None) -> list[Method]:
@@ -600,8 +648,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, IndexError):
             raise DpunetError(f"--nets {args.nets!r}: give indices 0..{len(PRESETS[preset]) - 1}") from None
     methods = select_methods(args.methods)
-    interleave = args.schedule == "interleaved" or (args.schedule == "auto" and device_type == "cpu")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  progress on stderr, table on stdout
+    nets = nets_for_arch(nets, args.arch, args.width, log)
+    interleave = args.schedule == "interleaved" or (args.schedule == "auto" and device_type == "cpu")
 
     started = time.perf_counter()
     load_before = load_average()
