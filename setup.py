@@ -30,7 +30,7 @@ setup(
             "dpunet_extract_fingerprint=dpunet.fingerprint.cli:main",
             "dpunet_plan=dpunet.planning.cli:main",
             "dpunet_preprocess=dpunet.preprocessing.cli:main",
-            "dpunet_plan_and_preprocess=dpunet.plan_and_preprocess:main",
+            "dpunet_plan_and_preprocess=dpunet.pipeline.cli:main",
             "dpunet_generate_synthetic=dataset_conversion.generate_synthetic:main",
             "dpunet_convert_camvid=dataset_conversion.convert_camvid:main",
             "dpunet_convert_isbi2012=dataset_conversion.convert_isbi2012:main",

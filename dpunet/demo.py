@@ -46,12 +46,11 @@ def _prepare_task(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _plan_and_preprocess(task: str, configuration: str, args: argparse.Namespace) -> None:
-    from dpunet import plan_and_preprocess
+    from dpunet.api import plan_and_preprocess
 
-    argv = ["-t", task, "-c", configuration, "--eps", "8", "--steps", str(args.steps), "--patients-per-step",
-            str(args.patients_per_step), "--patches-per-patient", str(args.patches_per_patient),
-            "--width", str(args.width), "-np", "2"]
-    plan_and_preprocess.main.__wrapped__(argv)
+    plan_and_preprocess(task, [configuration], 8.0, num_processes=2, steps=args.steps,
+                        patients_per_step=args.patients_per_step, patches_per_patient=args.patches_per_patient,
+                        width=args.width)
 
 
 def _train(task: str, configuration: str, epsilon: float, args: argparse.Namespace,

@@ -67,7 +67,7 @@ def plan_synthetic_task(base: Path, *plan_args: str) -> dict[str, Path]:
     """The 16-case synthetic task (2 cases per patient, 8 patients) under `base`, planned and preprocessed in
     process with `dpunet_plan_and_preprocess -t 990 -np 1 *plan_args`; returns DPUNET_* roots."""
     from dataset_conversion.generate_synthetic import generate_synthetic_task
-    from dpunet import plan_and_preprocess
+    from dpunet.pipeline import cli as plan_and_preprocess
 
     roots = {"raw": base / "raw", "preprocessed": base / "pre", "results": base / "res"}
     generate_synthetic_task(roots["raw"], num_cases=16, cases_per_patient=2, base_shape=(10, 32, 32),

@@ -67,7 +67,7 @@ def test_command_line(env, tmp_path):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_audit_on_hippocampus(tmp_path, monkeypatch, hippocampus_dir):
-    from dpunet import plan_and_preprocess
+    from dpunet.pipeline import cli as plan_and_preprocess
 
     for key in ("raw", "preprocessed", "results"):
         (tmp_path / key).mkdir()

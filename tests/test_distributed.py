@@ -55,7 +55,7 @@ def roots(tmp_path_factory) -> dict[str, Path]:
     roots = {"raw": base / "raw", "preprocessed": base / "pre"}
     generate_synthetic_task(roots["raw"], num_cases=16, cases_per_patient=2, base_shape=(10, 32, 32),
                             spacing=(2.0, 1.0, 1.0), seed=5)
-    proc = subprocess.run([sys.executable, "-m", "dpunet.plan_and_preprocess", "-t", "990", "-c", "3d_fullres",
+    proc = subprocess.run([sys.executable, "-m", "dpunet.pipeline.cli", "-t", "990", "-c", "3d_fullres",
                            "--width", "0.25", "--steps", str(STEPS), "--patients-per-step", "3",
                            "--patches-per-patient", "2", "-np", "1"], env=_env(roots), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

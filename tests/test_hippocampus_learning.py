@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpunet import plan_and_preprocess
+from dpunet.pipeline import cli as plan_and_preprocess
 from dpunet.training.config import merge_plan_and_options
 from dpunet.training.trainer import DPTrainer, load_training_inputs
 

@@ -206,7 +206,7 @@ def _trained_like_checkpoint(run_dir: Path, plan_config: dict, num_channels: int
 
 
 def _plan(task_id: int, configuration: str) -> None:
-    from dpunet import plan_and_preprocess
+    from dpunet.pipeline import cli as plan_and_preprocess
 
     with pytest.raises(SystemExit) as exit_info:
         plan_and_preprocess.main(["-t", str(task_id), "-c", configuration, "--width", "0.25", "-np", "1",

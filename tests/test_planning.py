@@ -169,7 +169,7 @@ def test_hippocampus_plans_match_nnunet_reference(hippocampus_dir, tmp_path):
     roots = {"raw": tmp_path / "raw", "preprocessed": tmp_path / "pre", "results": tmp_path / "res"}
     roots["raw"].mkdir()
     (roots["raw"] / "Task04_Hippocampus").symlink_to(hippocampus_dir)
-    proc = run_cli("dpunet.plan_and_preprocess", "-t", "4", "--no-preprocess", "-np", "2", env_roots=roots)
+    proc = run_cli("dpunet.pipeline.cli", "-t", "4", "--no-preprocess", "-np", "2", env_roots=roots)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plans = json.loads((roots["preprocessed"] / "Task04_Hippocampus" / "dpunet_plans.json").read_text())
     for name in ("3d_fullres", "2d"):

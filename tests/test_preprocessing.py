@@ -96,7 +96,7 @@ def test_2d_configuration_keeps_slices(task_dir):
 def test_plan_and_preprocess_end_to_end_resumable(task_dir, tmp_path):
     roots = {"raw": task_dir.parent, "preprocessed": tmp_path / "pre", "results": tmp_path / "res"}
     args = ["-t", "990", "-c", "3d_fullres", "2d", "-np", "2", "--steps", "50", "--patients-per-step", "4"]
-    proc = run_cli("dpunet.plan_and_preprocess", *args, roots=roots)
+    proc = run_cli("dpunet.pipeline.cli", *args, roots=roots)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = roots["preprocessed"] / task_dir.name
     for name in ("dataset_fingerprint.json", "dpunet_plans.json", "splits_final.json", "dataset.json"):
@@ -112,9 +112,9 @@ def test_plan_and_preprocess_end_to_end_resumable(task_dir, tmp_path):
         assert list(npz["data"].shape[1:]) == props["shape_after_resampling"]
         assert set(props["class_locations"]) == {"1", "2"}
         assert not list(folder.glob(".tmp*"))
-    again = run_cli("dpunet.plan_and_preprocess", *args, roots=roots)
+    again = run_cli("dpunet.pipeline.cli", *args, roots=roots)
     assert again.returncode == 0 and "10 already done" in again.stdout
-    redo = run_cli("dpunet.plan_and_preprocess", *args, "--overwrite", roots=roots)
+    redo = run_cli("dpunet.pipeline.cli", *args, "--overwrite", roots=roots)
     assert redo.returncode == 0 and "10 cases preprocessed" in redo.stdout
 
 
@@ -126,7 +126,7 @@ def test_bad_dataset_fails_before_writing_plans(task_dir, tmp_path):
     victim = sorted((broken / "imagesTr").glob("*.nii.gz"))[2]
     victim.write_bytes(victim.read_bytes()[:200])
     roots = {"raw": broken.parent, "preprocessed": tmp_path / "pre", "results": tmp_path / "res"}
-    proc = run_cli("dpunet.plan_and_preprocess", "-t", "990", roots=roots)
+    proc = run_cli("dpunet.pipeline.cli", "-t", "990", roots=roots)
     assert proc.returncode != 0
     assert victim.name in proc.stderr
     assert not (roots["preprocessed"] / task_dir.name / "dpunet_plans.json").exists()
@@ -145,7 +145,7 @@ def test_plan_and_preprocess_converted_natural_image_tasks(tmp_path, converter, 
         source = shared_path("data", "ISBI2012_membrane")
     roots = {"raw": tmp_path / "raw", "preprocessed": tmp_path / "pre", "results": tmp_path / "res"}
     task_dir = convert(source, roots["raw"], task_id=task_id, limit=10)
-    proc = run_cli("dpunet.plan_and_preprocess", "-t", str(task_id), "-np", "2", "--patients-per-step", "4",
+    proc = run_cli("dpunet.pipeline.cli", "-t", str(task_id), "-np", "2", "--patients-per-step", "4",
                    roots=roots)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = roots["preprocessed"] / task_dir.name

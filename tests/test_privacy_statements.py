@@ -94,7 +94,7 @@ def test_report_states_n_public_the_split_and_the_hyperparameter_provenance(env,
 
 
 def test_hand_edited_splits_are_kept_and_reported_as_a_fixed_split(env, tmp_path):
-    from dpunet import plan_and_preprocess
+    from dpunet.pipeline import cli as plan_and_preprocess
 
     splits_path = env["preprocessed"] / "Task990_Synthetic3D" / "splits_final.json"
     original, plans_before = splits_path.read_text(), _plans_path(env).read_text()

@@ -6,13 +6,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from dpunet.dataset.msd import load_task
-from dpunet.evaluation.evaluate import evaluate_folder, list_segmentations, write_summary
 from dpunet.evaluation.metrics import EMPTY_BOTH_RULES
-from dpunet.inference.case_io import INCOMPLETE_MARKER
-from dpunet.paths import raw_root, resolve_task
-from dpunet.utils.errors import DpunetError, cli_entry, warn
-from dpunet.utils.files import check_output_file
+from dpunet.utils.errors import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-ref", required=True, type=Path, help="folder of reference label maps (e.g. labelsTr)")
     p.add_argument("-pred", required=True, type=Path, help="folder of predicted segmentations")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("-t", "--task", help="task id or name; labels come from its dataset.json in DPUNET_RAW")
+    which.add_argument("-t", "-d", "--task", "--dataset", dest="task",
+                       help="task id or name; labels come from its dataset.json in DPUNET_RAW")
     which.add_argument("-l", "--labels", type=int, nargs="+", help="label values to evaluate (instead of -t)")
     p.add_argument("--ignore-label", type=int, default=None,
                    help="with -l: label value whose reference voxels are excluded from the evaluation")
@@ -65,42 +61,15 @@ def format_table(summary: dict[str, Any]) -> str:
 
 @cli_entry
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from dpunet.api import evaluate
+
     args = build_parser().parse_args(argv)
-    output = check_output_file(args.output if args.output is not None else args.pred / "summary.json")
-    if (args.pred / INCOMPLETE_MARKER).exists():
-        raise DpunetError(f"{args.pred}: holds {INCOMPLETE_MARKER}: dpunet_predict did not finish this folder "
-                          f"(killed or failed); rerun the prediction first")
-    declared = None
-    if args.task is not None:
-        if args.ignore_label is not None:
-            raise DpunetError("--ignore-label goes with -l; with -t the ignore label comes from dataset.json")
-        task = load_task(raw_root() / resolve_task(args.task, raw_root()))
-        labels, ignore, background = task.labels, task.ignore_label, task.background_label
-        declared = task.label_values  # -l lists the labels to score, not every value a file may hold
-    else:
-        labels = {v: str(v) for v in args.labels}
-        if args.ignore_label is not None:
-            labels[args.ignore_label] = "ignore"
-        ignore, background = args.ignore_label, None
-    case_ids = sorted(list_segmentations(args.pred)) if args.only_predicted else None
-    summary = evaluate_folder(
-        args.ref,
-        args.pred,
-        labels,
-        ignore_label=ignore,
-        background_label=background,
-        nsd_tolerance_mm=args.nsd_tolerance,
-        num_processes=args.num_processes,
-        empty_both=args.empty_both,
-        case_ids=case_ids,
-        declared_labels=declared,
-    )
-    for warning in summary.get("warnings", []):
-        warn(warning)
-    write_summary(summary, output)
+    summary = evaluate(args.ref, args.pred, args.task, labels=args.labels, ignore_label=args.ignore_label,
+                       output=args.output, num_processes=args.num_processes, nsd_tolerance=args.nsd_tolerance,
+                       empty_both=args.empty_both, only_predicted=args.only_predicted)
     print(f"{summary['n_cases']} cases evaluated")
     print(format_table(summary))
-    print(f"summary written to {output}")
+    print(f"summary written to {summary['summary_file']}")
     return 0
 
 

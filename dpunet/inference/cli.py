@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--input", required=True, help="folder of images to segment")
     p.add_argument("-o", "--output", required=True, help="folder for the segmentations (created)")
-    p.add_argument("-t", "--task", required=True, help="task id (4) or name (Task04_Hippocampus)")
+    p.add_argument("-t", "-d", "--task", "--dataset", dest="task", required=True,
+                   help="task id (4) or name (Task04_Hippocampus, Dataset004_Hippocampus)")
     p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
     p.add_argument("-f", "--folds", nargs="+", default=list(DEFAULT_FOLDS),
                    help="fold models to ensemble: any of 0 1 2 3 4, or all (default 0 1 2 3 4)")
@@ -51,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from dpunet.inference.predictor import predict_folder
+    from dpunet.api import predict
 
     args = build_parser().parse_args(argv)
-    result = predict_folder(args.input, args.output, args.task, args.configuration, args.folds, args.eps,
-                            args.arch, step_size=args.step_size, use_mirroring=not args.disable_tta,
-                            device=args.device, num_processes=args.num_processes,
-                            save_probabilities=args.save_probabilities, tile_batch_size=max(1, args.tile_batch_size))
+    result = predict(args.input, args.output, args.task, args.configuration, args.folds, args.eps, args.arch,
+                     step_size=args.step_size, use_mirroring=not args.disable_tta,
+                     device=args.device, num_processes=args.num_processes,
+                     save_probabilities=args.save_probabilities, tile_batch_size=max(1, args.tile_batch_size))
     note = result.privacy_note
     print(f"{len(result.case_ids)} case(s) segmented -> {result.output_folder}")
     if note.get("private"):

@@ -4,18 +4,15 @@ from __future__ import annotations
 import argparse
 
 from dpunet.dataset.tasks import load_raw_task
+from dpunet.pipeline.arguments import add_preprocess_arguments, add_task_argument
 from dpunet.preprocessing.run import preprocess_task
 from dpunet.utils.errors import cli_entry
-
-
-def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="redo cases that are already preprocessed")
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpunet_preprocess", description=__doc__)
-    parser.add_argument("-t", "--task", required=True)
+    add_task_argument(parser)
     parser.add_argument("-c", "--configurations", nargs="+", default=None)
     parser.add_argument("-np", "--num-processes", type=int, default=2)
     add_preprocess_arguments(parser)

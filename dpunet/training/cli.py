@@ -10,21 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from dpunet.architectures import TRAINABLE_SUBSETS
-from dpunet.training import distributed
-from dpunet.training.config import merge_plan_and_options
-from dpunet.planning.plans import default_configuration, load_training_inputs
-from dpunet.training.trainer import DPTrainer
 from dpunet.utils.arguments import parse_epsilon
-from dpunet.utils.errors import DpunetError, cli_entry
+from dpunet.utils.errors import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpunet_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", help="task id (4) or name (Task04_Hippocampus)")
+    p.add_argument("task", help="task id (4) or name (Task04_Hippocampus, Dataset004_Hippocampus)")
     p.add_argument("fold", help="0-4 or all")
     p.add_argument("--eps", type=parse_epsilon, required=True, help="target epsilon, or inf for non-private")
     p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
@@ -84,37 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+    from dpunet.api import train
+
     args = build_parser().parse_args(argv)
-    configuration = args.configuration
     options = {k: v for k, v in vars(args).items() if k not in ("task", "fold", "eps", "configuration", "resume")}
-    options.update(task=args.task, fold=args.fold, epsilon=args.eps)
-    if options.get("device") is None:
-        options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if options["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise DpunetError("--device cuda requested but no CUDA device is available")
-    configuration = configuration or default_configuration(args.task)
-    options["configuration"] = configuration
-    _, _, plan_config, _, _ = load_training_inputs(args.task, configuration)
-    # ---- distributed: under torchrun join the process group (NCCL on cuda:<LOCAL_RANK>, else gloo)
-    setup = distributed.init_distributed(options["device"])
-    if setup is not None:
-        options["device"] = setup.device
-    try:
-        cfg = merge_plan_and_options(plan_config, options)
-        trainer = DPTrainer(cfg)
-        result = trainer.run(resume=args.resume)
-    finally:
-        distributed.destroy_distributed()
-    if setup is not None and setup.rank != 0:
-        return 0  # rank 0 prints the summary and wrote every output
-    # ---- end distributed
-    report = result["report"]
-    print(f"privacy: epsilon {report['epsilon']['prv']} (PRV) / {report['epsilon']['rdp']} (RDP) at delta {cfg.delta}, "
-          f"sigma {report['noise_multiplier']}, q {report['sample_rate']:.4f}, T {report['steps_taken']}")
-    if result["validation"]:
-        mean = result["validation"]["mean"]
+    run = train(args.task, args.fold, args.eps, args.configuration, resume=args.resume, **options)
+    if run.privacy_report is None:
+        return 0  # a non-zero rank of a distributed run: rank 0 prints the summary and wrote every output
+    report = run.privacy_report
+    print(f"privacy: epsilon {report['epsilon']['prv']} (PRV) / {report['epsilon']['rdp']} (RDP) at delta "
+          f"{run.options['delta']}, sigma {report['noise_multiplier']}, q {report['sample_rate']:.4f}, "
+          f"T {report['steps_taken']}")
+    if run.validation:
+        mean = run.validation["mean"]
         print("validation Dice: " + json.dumps({k: round(v["Dice"], 4) for k, v in mean.items()}))
-    print(f"outputs: {result['output_dir']}")
+    print(f"outputs: {run.folder}")
     return 0
 
 
