@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validation", dest="validation", action="store_false", default=None)
     p.add_argument("--validation-mirroring", action="store_true", default=None,
                    help="mirroring test-time augmentation during the final validation")
+    p.add_argument("--run-tag", default=None, help="text appended to the run folder's name, to keep runs that differ "
+                                                   "in other options apart (dpunet_study sets one)")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="resume from private/checkpoint_latest.pt")
     return p

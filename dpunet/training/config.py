@@ -64,6 +64,8 @@ class TrainingConfig:
     validation_step_size: float = 0.5
     validation_mirroring: bool = False
     select_checkpoint_on_validation: bool = False
+    # appended to the run folder's name (dpunet_study: a short hash of a cell's other overrides); not a hyperparameter
+    run_tag: str = ""
 
     @property
     def private(self) -> bool:

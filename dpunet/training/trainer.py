@@ -56,7 +56,11 @@ from dpunet.utils.files import write_json, write_text
 
 
 def run_directory(cfg: TrainingConfig) -> Path:
-    return results_root() / cfg.task / run_folder_name(cfg.arch, cfg.configuration, cfg.epsilon) / f"fold_{cfg.fold}"
+    """results_root()/<Task>/<run identity>/fold_<f>: width, seed, initialisation and run tag enter the name when
+    they differ from the defaults (run_folder_name), so such runs never share a folder."""
+    name = run_folder_name(cfg.arch, cfg.configuration, cfg.epsilon, width=cfg.width, seed=cfg.seed,
+                           init_from=cfg.init_from, run_tag=cfg.run_tag)
+    return results_root() / cfg.task / name / f"fold_{cfg.fold}"
 
 
 # in units of C; De et al.'s CIFAR-10 recipe (sigma 3, batch 4096, 2.7M parameters) runs at about 1.2. Above it,
