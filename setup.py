@@ -22,6 +22,9 @@ setup(
         # published architectures for --arch (core only: it needs torch and numpy); einops for its UNETR
         "monai>=1.3",
         "einops>=0.6",
+        # dpunet_study: the executors (local processes, Slurm) and the YAML study specs
+        "submitit>=1.5",
+        "PyYAML>=6.0",
     ],
     extras_require={"test": ["pytest>=7", "dp-accounting>=0.4", "medpy>=0.5"]},
     entry_points={
@@ -44,6 +47,7 @@ setup(
             "dpunet_bench_loader=dpunet.benchmark.loader_bench:main",
             "dpunet_audit=dpunet.audit.cli:main",
             "dpunet_archs=dpunet.architectures.cli:main",
+            "dpunet_study=dpunet.study.cli:main",
         ]
     },
 )

@@ -64,9 +64,7 @@ def _train(task: str, configuration: str, epsilon: float, args: argparse.Namespa
                "patients_per_micro_batch": args.patients_per_step,
                "pretraining_steps": args.pretraining_steps, "init_from": "none" if random_init else None}
     cfg = merge_plan_and_options(plan_config, options)
-    output_dir = run_directory(cfg)
-    if random_init:  # a run folder of its own, next to the default run (pretrained on random images)
-        output_dir = output_dir.parent.with_name(output_dir.parent.name + "__random_init") / output_dir.name
+    output_dir = run_directory(cfg)  # the random-init run's name ends in __init-none: a folder of its own
     if output_dir.is_dir():
         import shutil
 

@@ -10,6 +10,7 @@ Outputs in results_dir: cv_summary.json (nnU-Net-shaped merged summary plus `tab
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -42,9 +43,63 @@ def format_epsilon(eps: float) -> str:
     return repr(eps)  # shortest string that reads back as the same float, e.g. '0.5', '2.25'
 
 
-def run_folder_name(arch: str, configuration: str, eps: float) -> str:
-    """'<arch>__<configuration>__eps<e>', the folder of one run under results_root()/<Task>/."""
-    return f"{arch}__{configuration}__eps{format_epsilon(eps)}"
+#: the initialisation that adds nothing to a run's name: the plan's default (training.init_from)
+DEFAULT_INIT = "random_images"
+
+
+def _format_number(value: float) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _init_label(init_from: str) -> str:
+    """'none' and 'random_images' stay readable; a checkpoint path becomes its stem plus a short hash of the path
+    (two checkpoints with the same file name stay apart, and '/' never enters a folder name)."""
+    if init_from in ("none", DEFAULT_INIT):
+        return init_from
+    stem = Path(init_from).name.split(".")[0] or "checkpoint"
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in stem)[:24]
+    return f"{stem}-{hashlib.sha256(str(init_from).encode()).hexdigest()[:6]}"
+
+
+def run_folder_name(arch: str, configuration: str, eps: float, *, width: float = 1.0, seed: int = 0,
+                    init_from: Optional[str] = None, run_tag: str = "") -> str:
+    """The run's identity, the folder of one run under results_root()/<Task>/.
+
+    '<arch>__<configuration>__eps<e>' with the defaults (width 1, seed 0, the plan's initialisation, no tag), so
+    older runs keep their names; each non-default factor is appended, e.g.
+    'unet__2d__eps8__w0.25__seed1__init-none__h1a2b3c4' (run_tag: a study's short hash of its other overrides).
+    dpunet_train, dpunet_predict, dpunet_cv_summary and dpunet_study all name runs through this function.
+    """
+    if not float(width) > 0:
+        raise DpunetError(f"width must be positive, got {width}")
+    parts = [arch, configuration, f"eps{format_epsilon(eps)}"]
+    if float(width) != 1.0:
+        parts.append(f"w{_format_number(width)}")
+    if int(seed) != 0:
+        parts.append(f"seed{int(seed)}")
+    if init_from is not None and init_from != DEFAULT_INIT:
+        parts.append(f"init-{_init_label(init_from)}")
+    if run_tag:
+        if not all(ch.isalnum() or ch in "-_." for ch in run_tag):
+            raise DpunetError(f"run tag {run_tag!r}: only letters, digits, '-', '_' and '.' are allowed")
+        parts.append(run_tag)
+    return "__".join(parts)
+
+
+def add_run_identity_arguments(p: argparse.ArgumentParser) -> None:
+    """--width, --seed, --init-from, --run-tag: the factors that, with arch, configuration and epsilon, name a run
+    (give the values the run was trained with; see run_folder_name)."""
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier the run was trained with (1)")
+    p.add_argument("--seed", type=int, default=0, help="seed the run was trained with (0)")
+    p.add_argument("--init-from", default=None, metavar="random_images|none|CHECKPOINT",
+                   help="initial weights the run was trained from (default: the plan's, random_images)")
+    p.add_argument("--run-tag", default="", help="run tag the run was trained with (dpunet_study sets one)")
+
+
+def run_identity_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of run_folder_name from parsed add_run_identity_arguments options."""
+    return {"width": args.width, "seed": args.seed, "init_from": args.init_from, "run_tag": args.run_tag}
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
@@ -270,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="unet", help="architecture name in the run folder (default unet)")
     p.add_argument("-f", "--folds", type=int, nargs="+", default=list(DEFAULT_FOLDS), help="folds (default 0-4)")
     p.add_argument("--n-splits", type=int, default=5, help="number of folds of the split (default 5)")
+    add_run_identity_arguments(p)
     return p
 
 
@@ -277,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     task = resolve_task(args.task, results_root(), raw_root(), preprocessed_root())
-    run_dir = results_root() / task / run_folder_name(args.arch, args.configuration, args.eps)
+    run_dir = results_root() / task / run_folder_name(args.arch, args.configuration, args.eps, **run_identity_kwargs(args))
     cv = summarize_cross_validation(run_dir, args.folds, n_splits=args.n_splits)
     print(format_cv_markdown(cv))
     print(f"written: {run_dir / 'cv_summary.json'}, {run_dir / 'cv_summary.md'}")

@@ -47,18 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <case>.npz (float16 softmax in the input's grid) and <case>.json")
     p.add_argument("--tile_batch_size", "--tile-batch-size", dest="tile_batch_size", type=int, default=4,
                    help="tiles per network forward pass (default 4)")
+    from dpunet.evaluation.cross_validation import add_run_identity_arguments
+
+    add_run_identity_arguments(p)
     return p
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+    from dpunet.evaluation.cross_validation import run_identity_kwargs
     from dpunet.api import predict
 
     args = build_parser().parse_args(argv)
     result = predict(args.input, args.output, args.task, args.configuration, args.folds, args.eps, args.arch,
                      step_size=args.step_size, use_mirroring=not args.disable_tta,
                      device=args.device, num_processes=args.num_processes,
-                     save_probabilities=args.save_probabilities, tile_batch_size=max(1, args.tile_batch_size))
+                     save_probabilities=args.save_probabilities, tile_batch_size=max(1, args.tile_batch_size),
+                     identity=run_identity_kwargs(args))
     note = result.privacy_note
     print(f"{len(result.case_ids)} case(s) segmented -> {result.output_folder}")
     if note.get("private"):

@@ -120,9 +120,11 @@ def default_configuration(task_name: str, arch: str, epsilon: float) -> str:
                       f"for arch {arch} and eps {format_epsilon(epsilon)}")
 
 
-def run_directory(task_name: str, configuration: str, epsilon: float, arch: str) -> Path:
-    """results_root()/<Task>/<arch>__<configuration>__eps<e>, with a clear error when it does not exist."""
-    run_dir = results_root() / task_name / run_folder_name(arch, configuration, epsilon)
+def run_directory(task_name: str, configuration: str, epsilon: float, arch: str,
+                  identity: dict[str, Any] | None = None) -> Path:
+    """results_root()/<Task>/<run identity>, with a clear error when it does not exist. `identity`: width, seed,
+    init_from, run_tag as the run was trained with (run_folder_name's keywords; defaults when None)."""
+    run_dir = results_root() / task_name / run_folder_name(arch, configuration, epsilon, **(identity or {}))
     if run_dir.is_dir():
         return run_dir
     planned = _planned_configurations(task_name)
@@ -133,12 +135,21 @@ def run_directory(task_name: str, configuration: str, epsilon: float, arch: str)
     runs = sorted(d.name for d in task_dir.iterdir() if d.is_dir()) if task_dir.is_dir() else []
     raise DpunetError(f"{run_dir} not found: no trained models for {task_name}, configuration {configuration}, "
                       f"arch {arch}, eps {format_epsilon(epsilon)} (runs there: {', '.join(runs) or 'none'}); "
-                      f"train them with dpunet_train {task_name} FOLD --eps {format_epsilon(epsilon)} "
-                      f"-c {configuration} --arch {arch}")
+                      f"train them with {_train_command(task_name, 'FOLD', configuration, epsilon, arch, identity)}")
 
 
-def _train_command(task_name: str, fold: str, configuration: str, epsilon: float, arch: str) -> str:
-    return f"dpunet_train {task_name} {fold} --eps {format_epsilon(epsilon)} -c {configuration} --arch {arch}"
+def _identity_options(identity: dict[str, Any] | None) -> str:
+    """The dpunet_train options that give a run its non-default identity factors."""
+    flags = {"width": ("--width", 1.0), "seed": ("--seed", 0), "init_from": ("--init-from", None),
+             "run_tag": ("--run-tag", "")}
+    return "".join(f" {flag} {identity[key]}" for key, (flag, default) in flags.items()
+                   if identity and identity.get(key, default) not in (default, None))
+
+
+def _train_command(task_name: str, fold: str, configuration: str, epsilon: float, arch: str,
+                   identity: dict[str, Any] | None = None) -> str:
+    return (f"dpunet_train {task_name} {fold} --eps {format_epsilon(epsilon)} -c {configuration} --arch {arch}"
+            + _identity_options(identity))
 
 
 def load_fold_model(model_path: str | Path, fold: str = "", device: str | torch.device = "cpu") -> FoldModel:
@@ -153,20 +164,20 @@ def load_fold_model(model_path: str | Path, fold: str = "", device: str | torch.
 
 
 def load_fold_models(task: str | int, configuration: str | None, folds: Sequence[int | str] | int | str | None,
-                     epsilon: float, arch: str = "unet", device: str | torch.device = "cpu"
-                     ) -> tuple[str, str, list[FoldModel]]:
+                     epsilon: float, arch: str = "unet", device: str | torch.device = "cpu",
+                     identity: dict[str, Any] | None = None) -> tuple[str, str, list[FoldModel]]:
     """(task name, configuration, fold models) for a run; every problem is a DpunetError naming the path."""
     task_name = _resolve_task_name(task)
     configuration = configuration or default_configuration(task_name, arch, epsilon)
     splits_path = preprocessed_root() / task_name / "splits_final.json"
     num_folds = len(load_json(splits_path)) if splits_path.is_file() else DEFAULT_NUM_FOLDS
     fold_names = normalise_folds(folds, num_folds)
-    run_dir = run_directory(task_name, configuration, epsilon, arch)
+    run_dir = run_directory(task_name, configuration, epsilon, arch, identity)
     models = []
     for fold in fold_names:
         path = release_folder(run_dir / f"fold_{fold}") / MODEL_FILE
         if not path.is_file():
-            command = _train_command(task_name, fold, configuration, epsilon, arch)
+            command = _train_command(task_name, fold, configuration, epsilon, arch, identity)
             if (private_folder(run_dir / f"fold_{fold}") / CHECKPOINT_FILE).is_file():
                 raise DpunetError(f"{path} not found: the training of fold {fold} is unfinished; finish it with "
                                   f"{command} --continue")
@@ -285,9 +296,10 @@ def predict_folder(input_folder: str | Path, output_folder: str | Path, task: st
                    epsilon: float = 8.0, arch: str = "unet", step_size: float = 0.5, use_mirroring: bool = True,
                    device: str | torch.device | None = None, num_processes: int = 2,
                    save_probabilities: bool = False, tile_batch_size: int = 4, progress: bool = True,
-                   ) -> PredictionResult:
+                   identity: dict[str, Any] | None = None) -> PredictionResult:
     """Segment every case in `input_folder` into `output_folder` with the ensemble of the chosen folds of
-    run <arch>__<configuration>__eps<epsilon>; also writes privacy_note.json/.md there, last."""
+    run <arch>__<configuration>__eps<epsilon> (plus `identity`: width, seed, init_from, run_tag as trained, see
+    run_folder_name); also writes privacy_note.json/.md there, last."""
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     if not 0 < step_size <= 1:
         raise DpunetError(f"step size must be in (0, 1], got {step_size}")
@@ -296,7 +308,8 @@ def predict_folder(input_folder: str | Path, output_folder: str | Path, task: st
         raise DpunetError(f"{output_folder}: the output folder must differ from the input folder")
     torch_device = _pick_device(device)
     cases = find_input_cases(input_folder)
-    task_name, configuration, models = load_fold_models(task, configuration, folds, epsilon, arch, torch_device)
+    task_name, configuration, models = load_fold_models(task, configuration, folds, epsilon, arch, torch_device,
+                                                        identity)
     num_channels = models[0].num_channels
     check_input_channels(cases, num_channels)
     note = build_privacy_note(task_name, configuration, arch, epsilon, models)

@@ -1,0 +1,294 @@
+"""dpunet_study: run identity, spec validation, executors (local, Slurm parameters without a cluster), the
+acceptance study (killed in the middle, resumed, report checked against an independent Dice), status, commands."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dpunet.evaluation.cross_validation import run_folder_name
+from dpunet.study.spec import load_spec, parse_spec
+from dpunet.utils.errors import DpunetError
+from tests.conftest import plan_synthetic_task
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ARCHS = ("unet", "unet_ws")
+EPSILONS = ("8", "inf")
+
+
+# --------------------------------------------------------------------------------------------- identity
+def test_run_identity_keeps_old_names_and_appends_only_non_default_factors():
+    assert run_folder_name("unet", "2d", 8.0) == "unet__2d__eps8"
+    assert run_folder_name("unet", "2d", 8.0, width=1.0, seed=0, init_from="random_images", run_tag="") == \
+        "unet__2d__eps8"
+    assert run_folder_name("unet", "2d", 8.0, width=0.25, seed=1, init_from="none") == \
+        "unet__2d__eps8__w0.25__seed1__init-none"
+    assert run_folder_name("segresnet", "3d_fullres", math.inf, run_tag="h1a2b3c4d") == \
+        "segresnet__3d_fullres__epsinf__h1a2b3c4d"
+    # two checkpoints with one file name stay apart, and no '/' enters the name
+    a = run_folder_name("unet", "2d", 8, init_from="/a/model.pt")
+    b = run_folder_name("unet", "2d", 8, init_from="/b/model.pt")
+    assert a != b and "/" not in a and a.startswith("unet__2d__eps8__init-model-")
+    names = {run_folder_name("unet", "2d", e, width=w, seed=s) for e in (1, 8, math.inf) for w in (0.5, 1)
+             for s in (0, 1)}
+    assert len(names) == 12
+    with pytest.raises(DpunetError, match="run tag"):
+        run_folder_name("unet", "2d", 8, run_tag="a/b")
+
+
+def test_trainer_and_predictor_name_a_run_alike(tmp_path, monkeypatch):
+    from dpunet.inference.predictor import run_directory as predictor_run_directory
+    from dpunet.training.config import TrainingConfig
+    from dpunet.training.trainer import run_directory
+
+    monkeypatch.setenv("DPUNET_RESULTS", str(tmp_path))
+    cfg = TrainingConfig(task="Task990_X", configuration="2d", fold="0", width=0.5, seed=2, init_from="none",
+                         run_tag="hdeadbeef", epsilon=8.0)
+    fold_dir = run_directory(cfg)
+    assert fold_dir == tmp_path / "Task990_X" / "unet__2d__eps8__w0.5__seed2__init-none__hdeadbeef" / "fold_0"
+    fold_dir.mkdir(parents=True)
+    identity = {"width": 0.5, "seed": 2, "init_from": "none", "run_tag": "hdeadbeef"}
+    assert predictor_run_directory("Task990_X", "2d", 8.0, "unet", identity) == fold_dir.parent
+    with pytest.raises(DpunetError, match="--width 0.5 --seed 3 --init-from none --run-tag hdeadbeef"):
+        predictor_run_directory("Task990_X", "2d", 8.0, "unet", {**identity, "seed": 3})
+
+
+# ------------------------------------------------------------------------------------------------- spec
+BASE = {"name": "s", "tasks": [{"task": 4, "configuration": "2d", "overrides": {"steps": 5}}],
+        "architectures": ["unet", "unet_ws"], "epsilons": [1, 8, "inf"]}
+
+
+def test_cells_are_the_cross_product_with_subgrids_exclusions_and_overrides(tmp_path):
+    raw = {**BASE, "tasks": BASE["tasks"] + [{"task": 4, "configuration": "2d", "overrides": {"steps": 5},
+                                              "epsilons": [8], "seeds": [1]}],
+           "exclude": [{"arch": "unet_ws", "epsilon": 1}], "arch_overrides": {"unet_ws": {"learning_rate": 0.001}},
+           "widths": [0.25]}
+    spec = parse_spec(raw, tmp_path / "s.yaml")
+    got = {(c.arch, c.epsilon, c.seed) for c in spec.cells}
+    assert got == {("unet", 1, 0), ("unet", 8, 0), ("unet", math.inf, 0), ("unet_ws", 8, 0),
+                   ("unet_ws", math.inf, 0), ("unet", 8, 1), ("unet_ws", 8, 1)}
+    assert len({c.key for c in spec.cells}) == len(spec.cells) == 7
+    ws = next(c for c in spec.cells if c.arch == "unet_ws")
+    assert ws.override_dict == {"steps": 5, "learning_rate": 0.001} and ws.width == 0.25
+    unet = next(c for c in spec.cells if c.arch == "unet")
+    assert unet.run_tag != ws.run_tag and unet.run_name.startswith("unet__2d__eps")
+    # the issue's form: width among the overrides is the width factor
+    spec = parse_spec({**BASE, "tasks": [{"task": 4, "configuration": "2d", "overrides": {"width": 0.5}}]},
+                      tmp_path / "s.yaml")
+    assert {c.width for c in spec.cells} == {0.5} and all(not c.overrides for c in spec.cells)
+
+
+@pytest.mark.parametrize("change,text", [
+    ({"epsilons": [0]}, "epsilons: epsilon must be positive"),
+    ({"epsilons": ["eight"]}, "epsilons: epsilon 'eight' is not a number"),
+    ({"architectures": []}, "architectures: an empty list"),
+    ({"colour": 1}, "colour: unknown key"),
+    ({"tasks": [{"task": 4}]}, r"tasks\[0\].configuration: missing"),
+    ({"tasks": [{"task": 4, "configuration": "2d", "overrides": {"stepz": 3}}]}, "overrides.stepz: unknown training"),
+    ({"tasks": [{"task": 4, "configuration": "2d", "overrides": {"seed": 3}}]}, "overrides.seed: is a factor"),
+    ({"exclude": [{"arch": "unet"}, {"arch": "unet_ws"}]}, "every cell is excluded"),
+    ({"executor": {"kind": "kubernetes"}}, "executor.kind"),
+    ({"executor": {"kind": "slurm"}}, "executor.partition: a Slurm executor needs a partition"),
+    ({"executor": {"kind": "local", "parallel": 0}}, "executor.parallel: expected an integer >= 1"),
+    ({"executor": {"kind": "local", "partition": "gpu"}}, "executor.partition: unknown key"),
+])
+def test_spec_errors_name_the_file_and_key(tmp_path, change, text):
+    with pytest.raises(DpunetError, match=text) as e:
+        parse_spec({**BASE, **change}, tmp_path / "bad.yaml")
+    assert str(tmp_path / "bad.yaml") in str(e.value)
+
+
+def test_malformed_or_missing_yaml_is_a_clear_error(tmp_path):
+    (tmp_path / "x.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(DpunetError, match="not valid YAML"):
+        load_spec(tmp_path / "x.yaml")
+    with pytest.raises(DpunetError, match="study spec not found"):
+        load_spec(tmp_path / "none.yaml")
+
+
+def test_slurm_executor_is_configured_without_a_cluster(tmp_path):
+    from dpunet.study.runner import slurm_parameters, slurm_sbatch_preview
+
+    raw = {**BASE, "executor": {"kind": "slurm", "partition": "gpu", "gpus_per_node": 1, "timeout_min": 240,
+                                "cpus_per_task": 8, "mem_gb": 64, "array_parallelism": 16, "account": "dp"}}
+    spec = parse_spec(raw, tmp_path / "s.yaml")
+    spec.folder = tmp_path / "study"
+    params = slurm_parameters(spec.executor, spec.name)
+    assert (params["partition"], params["gpus_per_node"], params["time"], params["cpus_per_task"]) == \
+        ("gpu", 1, 240, 8)
+    assert params["mem"] == "64GB" and params["array_parallelism"] == 16 and params["account"] == "dp"
+    # submitit's own sbatch text for these parameters (what a cluster would receive for each cell)
+    text = slurm_sbatch_preview(spec)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=240",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --account=dp",
+                 "#SBATCH --job-name=dpunet_study_s"):
+        assert line in text, line
+    with pytest.raises(DpunetError, match="executor.mem_gb"):
+        parse_spec({**raw, "executor": {**raw["executor"], "mem_gb": "lots"}}, tmp_path / "s.yaml")
+
+
+def test_holm_and_bootstrap_against_hand_computed_values():
+    from dpunet.study.report import bootstrap_ci, holm
+
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": math.nan})
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1, made monotone
+    assert adjusted["a"] == pytest.approx(0.03) and adjusted["c"] == pytest.approx(0.06)
+    assert adjusted["b"] == pytest.approx(0.06) and math.isnan(adjusted["d"])
+    lo, hi = bootstrap_ci([0.5] * 10)
+    assert lo == hi == 0.5
+    values = np.random.default_rng(1).normal(0.6, 0.1, 200)
+    lo, hi = bootstrap_ci(values)
+    sem = values.std(ddof=1) / math.sqrt(values.size)
+    assert lo == pytest.approx(values.mean() - 1.96 * sem, abs=0.01) and hi == pytest.approx(values.mean() + 1.96 * sem, abs=0.01)
+
+
+# ------------------------------------------------------------------------------------- acceptance study
+def _write_spec(path: Path, executor: str = "{kind: local, parallel: 1, threads: 1}") -> Path:
+    path.write_text(
+        "name: tiny\n"
+        "tasks:\n"
+        "  - {task: 990, configuration: 2d, overrides: {steps: 3, engine: functorch, augmentation: false,"
+        " patients_per_micro_batch: 3}}\n"
+        f"architectures: [{', '.join(ARCHS)}]\n"
+        f"epsilons: [{', '.join(EPSILONS)}]\n"
+        "folds: [0]\n"
+        "init: [none]\n"
+        f"executor: {executor}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    return plan_synthetic_task(tmp_path_factory.mktemp("study_task"), "-c", "2d", "--width", "0.25", "--steps", "3",
+                               "--patients-per-step", "3", "--patches-per-patient", "2")
+
+
+def _env(roots: dict[str, Path]) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.update({f"DPUNET_{k.upper()}": str(v) for k, v in roots.items()})
+    return env
+
+
+def _study(roots: dict[str, Path], *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dpunet.study.cli", *args], env=_env(roots),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _dice_from_files(pred_dir: Path, label_dir: Path, labels: list[int]) -> float:
+    """Mean over labels of the mean over cases of numpy Dice (cases where both masks are empty left out)."""
+    per_label = {lab: [] for lab in labels}
+    for pred_file in sorted(pred_dir.glob("*.nii.gz")):
+        pred = np.asarray(nib.load(pred_file).dataobj)
+        ref = np.asarray(nib.load(label_dir / pred_file.name).dataobj)
+        for lab in labels:
+            p, r = pred == lab, ref == lab
+            if p.sum() + r.sum():
+                per_label[lab].append(2.0 * np.logical_and(p, r).sum() / (p.sum() + r.sum()))
+    return float(np.mean([np.mean(v) for v in per_label.values() if v]))
+
+
+def test_tiny_study_resumes_and_reports_in_process(tiny_task, tmp_path, use_roots):
+    """The fast variant (submitit's DebugExecutor, in this process): a first session stops after one cell, the
+    second runs the rest only; the slow test below kills a local-executor study for real."""
+    from dpunet.study.report import write_report
+    from dpunet.study.runner import run_study
+
+    use_roots(tiny_task)
+    spec = load_spec(_write_spec(tmp_path / "tiny.yaml", "{kind: debug}"), tmp_path / "study")
+    first = spec.cells[0]
+    assert run_study(spec, only=[first.key], say=lambda s: None)["done"] == 1
+    marker = spec.folder / "cells" / first.key / "done.json"
+    before = (marker.stat().st_mtime_ns, marker.read_text())
+    started = []
+    counts = run_study(spec, say=started.append)
+    assert counts == {"done": 3, "failed": 0, "submitted": 3}
+    assert f"start {first.key}" not in started and (marker.stat().st_mtime_ns, marker.read_text()) == before
+    assert run_study(spec, say=lambda s: None) == {"done": 0, "failed": 0, "submitted": 0}
+    write_report(spec)
+    _check_results(tiny_task, spec.folder)
+
+
+@pytest.mark.slow
+def test_study_killed_in_the_middle_resumes_without_rerunning_finished_cells(tiny_task, tmp_path):
+    from dpunet.study.report import write_report
+
+    roots = tiny_task
+    spec_path = _write_spec(tmp_path / "tiny.yaml")
+    folder = roots["results"] / "studies" / "tiny"
+    proc = _study(roots, "run", str(spec_path), start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(folder.glob("cells/*/done.json")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no cell finished in 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the study command and its submitit workers
+    proc.wait()
+    proc.stdout.close()
+    finished = {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in folder.glob("cells/*/done.json")}
+    assert 1 <= len(finished) < len(ARCHS) * len(EPSILONS)
+
+    status = _study(roots, "status", str(spec_path))
+    out = status.communicate(timeout=120)[0]
+    assert f"done {len(finished)} " in out and f"{len(finished)}/{len(ARCHS) * len(EPSILONS)}" in out, out
+    commands = _study(roots, "commands", str(spec_path)).communicate(timeout=120)[0].strip().splitlines()
+    assert len(commands) == len(ARCHS) * len(EPSILONS) - len(finished)
+    assert all("dpunet_study run-cell" in line and str(spec_path) in line for line in commands)
+
+    rerun = _study(roots, "run", str(spec_path))
+    out = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, out[-3000:]
+    for key, (mtime, text) in finished.items():  # not rerun: the marker is untouched
+        marker = folder / "cells" / key / "done.json"
+        assert marker.stat().st_mtime_ns == mtime and marker.read_text() == text
+        assert f"start {key}" not in out
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in roots.items():
+            mp.setenv(f"DPUNET_{k.upper()}", str(v))
+        spec = load_spec(spec_path)
+        write_report(spec)
+    _check_results(roots, folder)
+
+
+def _check_results(roots: dict[str, Path], folder: Path) -> None:
+    """results.csv has one row per cell, privacy figures per epsilon, and a Dice equal to numpy's on the files."""
+    with open(folder / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["arch"], r["epsilon"]) for r in rows) == sorted((a, e) for a in ARCHS for e in EPSILONS)
+    assert all(r["status"] == "done" and r["fold"] == "0" for r in rows)
+    assert {r["epsilon_prv"] for r in rows if r["epsilon"] == "inf"} == {"inf"}
+    assert all(0 < float(r["epsilon_prv"]) <= 8.0 for r in rows if r["epsilon"] == "8")
+    row = next(r for r in rows if (r["arch"], r["epsilon"]) == ("unet", "8"))
+    fold_dir = roots["results"] / "Task990_Synthetic3D" / row["run_name"] / "fold_0"
+    expected = _dice_from_files(fold_dir / "private" / "validation", roots["raw"] / "Task990_Synthetic3D" / "labelsTr",
+                                [1, 2])
+    assert float(row["dice_mean"]) == pytest.approx(expected, abs=1e-5)
+    report = (folder / "report.md").read_text()
+    assert "epsilon 8" in report and "Budget of every cell" in report
+    assert all((folder / name).stat().st_size > 0 for name in ("score_vs_epsilon.png", "dp_gap.png"))
+
+
+def test_a_failed_cell_is_recorded_and_the_study_goes_on(tiny_task, tmp_path, use_roots, capsys):
+    from dpunet.study.runner import run_study
+    from dpunet.study.status import format_status
+
+    use_roots(tiny_task)
+    spec = load_spec(_write_spec(tmp_path / "fail.yaml", "{kind: debug}"), tmp_path / "study")
+    spec.cells = spec.cells[:2]
+    broken = spec.cells[0].__class__(**{**spec.cells[0].__dict__, "configuration": "3d_lowres"})
+    spec.cells[0] = broken  # not planned: the trainer refuses it
+    counts = run_study(spec, say=lambda s: None)
+    assert counts == {"done": 1, "failed": 1, "submitted": 2}
+    error = (spec.folder / "cells" / broken.key / "error.txt").read_text()
+    assert "3d_lowres" in error and "not planned" in error
+    assert f"failed {broken.key}" in format_status(spec)
