@@ -22,7 +22,7 @@ from torch import nn
 from dpunet.architectures.classic_nets import CLASSIC_ARCHITECTURES
 from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES
 from dpunet.architectures.presets import ARCHITECTURE_PRESETS, arch_for_configuration, architecture_names
-from dpunet.architectures.registry import build_network, count_parameters
+from dpunet.architectures.registry import build_network, count_parameters, validate_for_dp
 from dpunet.utils.errors import DpunetError, cli_entry
 
 DEFAULT_CHANNELS, DEFAULT_CLASSES = 1, 3
@@ -92,15 +92,17 @@ def describe(name: str, config: dict[str, Any], channels: int, classes: int, wid
         return row
     row["params"] = f"{count_parameters(model):,}"
     fallback = opacus_fallback_layers(model)
-    row["engines"] = "functorch: yes; opacus_hooks: " + (f"fallback for {', '.join(fallback)}" if fallback
-                                                         else "native rules")
+    refused = validate_for_dp(model, "opacus_hooks")
+    opacus = ("refused (index buffers in " + ", ".join(sorted({p.split(": ")[1].split()[0] for p in refused}))
+              + ")") if refused else (f"fallback for {', '.join(fallback)}" if fallback else "native rules")
+    row["engines"] = "functorch: yes; opacus_hooks: " + opacus
     if measure:
         row["engines"] += "; " + measure_auto_engine(model, config["patch_size"], channels, classes)
+    if "patch_size_adapted_from" in spec:
+        row["engines"] += f"; patch {spec['patch_size_adapted_from']} -> {spec['patch_size']}"
     return row
 
 
-    if "patch_size_adapted_from" in spec:
-        row["engines"] += f"; patch {spec['patch_size_adapted_from']} -> {spec['patch_size']}"
 def load_configuration(task: str, configuration: str) -> tuple[dict[str, Any], int, int]:
     """(plan configuration, channels, classes) of a planned task."""
     from dpunet.training.trainer import load_training_inputs

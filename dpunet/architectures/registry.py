@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from dpunet.architectures.unet import PlainConvUNet, ResidualEncoderUNet, UNetBase
@@ -36,13 +37,29 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def validate_for_dp(model: nn.Module) -> list[str]:
+# engines that differentiate modules without an Opacus per-layer rule through Opacus' functorch fallback, which
+# refuses any module that owns both parameters and buffers
+OPACUS_ENGINES = ("opacus_hooks",)
+
+
+def is_constant_index_buffer(buffer: torch.Tensor) -> bool:
+    """An integer or boolean buffer: a lookup index or mask fixed at construction (SwinUNETR's relative
+    position index), not a statistic of the data (those are floating point, like BatchNorm's running mean)."""
+    return not (buffer.is_floating_point() or buffer.is_complex())
+
+
+def validate_for_dp(model: nn.Module, engine: str | None = None) -> list[str]:
     """Problems that make a model unfit for per-sample-gradient DP training; empty when it is fit.
 
     Runs Opacus' ModuleValidator (in training mode, whatever mode the model is in) and adds checks it does not
     make on its own: any BatchNorm (it mixes samples), running statistics (a data-dependent state updated
-    outside DP-SGD), in-place activations (they break Opacus' backward hooks), and buffers in modules that
-    Opacus would have to differentiate with its functorch fallback (it refuses them)."""
+    outside DP-SGD), in-place activations (they break Opacus' backward hooks), and floating-point buffers in
+    modules with their own parameters and no Opacus rule (a state that may depend on data).
+
+    Constant index buffers (integer or boolean, e.g. SwinUNETR's relative position index) in such modules are
+    fine for the functorch and fast engines (they differentiate the parameters only and read buffers as
+    constants); with `engine` "opacus_hooks" they are a problem too, because Opacus' functorch fallback refuses
+    any module that owns buffers ("auto" skips that engine when it fails)."""
     from opacus.grad_sample import GradSampleModule
     from opacus.validators import ModuleValidator
 
@@ -66,6 +83,15 @@ def validate_for_dp(model: nn.Module) -> list[str]:
             problems.append(f"{where}: {type(m).__name__} is in-place; per-sample gradient hooks need "
                             "inplace=False")
         has_own_params = any(p.requires_grad for p in m.parameters(recurse=False))
-        if has_own_params and type(m) not in GradSampleModule.GRAD_SAMPLERS and any(True for _ in m.buffers()):
-            problems.append(f"{where}: {type(m).__name__} has buffers, which Opacus' functorch fallback refuses")
+        if not has_own_params or type(m) in GradSampleModule.GRAD_SAMPLERS:
+            continue
+        buffers = dict(m.named_buffers(recurse=False))
+        states = [b for b, t in buffers.items() if not is_constant_index_buffer(t)]
+        if states:
+            problems.append(f"{where}: {type(m).__name__} has buffers ({', '.join(states)}), which Opacus' "
+                            "functorch fallback refuses")
+        elif buffers and engine in OPACUS_ENGINES:
+            problems.append(f"{where}: {type(m).__name__} has constant index buffers ({', '.join(buffers)}), "
+                            f"which Opacus' functorch fallback (--engine {engine}) refuses; use --engine fast or "
+                            "functorch")
     return problems

@@ -192,7 +192,7 @@ class DPTrainer:
                 cfg.patients_per_micro_batch = self.plan_config["patients_per_micro_batch"]
         self.num_classes = self.task.num_classes
         self.model = build_network(self.arch, self.task.num_channels, self.num_classes, cfg.deep_supervision)
-        problems = validate_for_dp(self.model) if cfg.private else []
+        problems = validate_for_dp(self.model, cfg.engine) if cfg.private else []
         if problems:
             raise DpunetError("the network is not fit for DP-SGD:\n  " + "\n  ".join(problems))
         self.initial_weights = load_initial_weights(self.model, initial_weights, self.task_name) \

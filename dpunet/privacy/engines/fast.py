@@ -361,7 +361,11 @@ class FastGradientEngine(GradientEngine):
         n = b * self._patches
         module = layer.module
         params = {name: getattr(module, name).detach() for name in layer.param_names}
-        batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n for x in call.args]
+        # batched: a leading dim of B*K patches, or of B*K*m when the network folds m pieces of each patch into
+        # the batch sample-major (SwinUNETR's window partition: (patches * windows, tokens, C)), as LinearRule
+        # also assumes; the reference-loop tests check it for the networks that do this
+        batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] > 0 and x.shape[0] % n == 0
+                   for x in call.args]
         args = [x.detach().reshape(b, -1, *x.shape[1:]) if is_b else x for x, is_b in zip(call.args, batched)]
         grad = call.grad.reshape(b, -1, *call.grad.shape[1:])
         kwargs = call.kwargs
