@@ -6,6 +6,10 @@ with one z slice), spacing 1. Labels keep their values 0..11; 11 (void) is the `
 background (`"background_label": null`). Each image is its own privacy unit (no `patient_id`): CamVid has only
 a handful of video sequences, and grouping by sequence would leave too few units for DP-SGD.
 
+`--downsample 2|4` averages each f x f block of pixels (images) and takes the most frequent label of the block
+(labels; void wins only where it is the majority), so that CamVid fits a CPU study (360 x 480 -> 90 x 120 at 4);
+the spacing becomes f and dataset.json records the factor. Convert each resolution into its own task id.
+
 Conversion is resumable (existing outputs are skipped) and every file is written atomically.
 """
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-from dataset_conversion.common import PngCase, convert_all, sorted_pngs, test_entries, training_entries
+from dataset_conversion.common import (PngCase, convert_all, png_size, read_png, sorted_pngs, test_entries,
+                                       training_entries)
 from dpunet import paths
 from dpunet.utils.errors import DpunetError, cli_entry
 from dpunet.utils.files import write_json
@@ -28,6 +33,7 @@ DEFAULT_CLASS_NAMES = (
     "Bicyclist", "Unlabelled",
 )
 VOID_LABEL = 11
+DOWNSAMPLE_FACTORS = (1, 2, 4)
 
 
 def class_names(source: Path) -> dict[int, str]:
@@ -66,23 +72,83 @@ def _split(source: Path, images: str, labels: Optional[str], limit: Optional[int
     return cases
 
 
-def convert_camvid(source: Path, raw_root: Path, task_id: int = 101, limit: Optional[int] = None) -> Path:
+def downsample_image(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W, C) or (H, W) pixels -> the mean of each factor x factor block (rounded, same dtype); H and W are
+    cropped to multiples of the factor."""
+    h, w = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
+    blocks = pixels[:h, :w].reshape(h // factor, factor, w // factor, factor, *pixels.shape[2:])
+    return np.rint(blocks.astype(np.float64).mean(axis=(1, 3))).astype(pixels.dtype)
+
+
+def downsample_labels(labels: np.ndarray, factor: int, num_values: int = VOID_LABEL + 1) -> np.ndarray:
+    """(H, W) labels -> the most frequent value of each factor x factor block (ties: the smaller value)."""
+    h, w = (labels.shape[0] // factor) * factor, (labels.shape[1] // factor) * factor
+    blocks = labels[:h, :w].reshape(h // factor, factor, w // factor, factor)
+    counts = np.stack([(blocks == v).sum(axis=(1, 3)) for v in range(num_values)])
+    return counts.argmax(axis=0).astype(np.uint8)
+
+
+def _convert_downsampled(cases: list[PngCase], image_dir: Path, label_dir: Path, factor: int) -> None:
+    from dpunet.dataset.io import Geometry, write_image, write_segmentation
+
+    for case in cases:
+        height, width = png_size(case.image)
+        geometry = Geometry(shape=(1, height // factor, width // factor), spacing=(1.0, float(factor), float(factor)),
+                            origin=(0.0, 0.0, 0.0), direction=tuple(float(v) for v in np.eye(3).ravel()))
+        image_out = image_dir / f"{case.case_id}.nii.gz"
+        if not image_out.exists():
+            pixels = downsample_image(read_png(case.image, "RGB"), factor)
+            write_image(np.moveaxis(pixels, -1, 0)[:, None], geometry, image_out)
+        label_out = label_dir / f"{case.case_id}.nii.gz"
+        if case.label is not None and not label_out.exists():
+            raw = read_png(case.label)
+            if raw.shape != (height, width):
+                raise DpunetError(f"{case.label}: annotation size {raw.shape} differs from image {case.image} "
+                                  f"({height}, {width})")
+            write_segmentation(downsample_labels(_check_labels(raw, case.label), factor)[None], geometry, label_out)
+
+
+def _check_resolution(folder: Path, downsample: int) -> None:
+    """Refuse to mix resolutions in one task folder (conversion is resumable and skips existing files)."""
+    dataset_file = folder / "dataset.json"
+    if dataset_file.is_file():
+        import json
+
+        previous = json.loads(dataset_file.read_text()).get("downsample", 1)
+        if previous != downsample:
+            raise DpunetError(f"{folder} holds CamVid at --downsample {previous}; convert --downsample {downsample} "
+                              f"into another task id (--task-id)")
+
+
+def convert_camvid(source: Path, raw_root: Path, task_id: int = 101, limit: Optional[int] = None,
+                   downsample: int = 1) -> Path:
     """Convert CamVid at `source` into `raw_root/Task<id>_CamVid` and return that folder.
 
-    `limit` converts only the first `limit` images of each split (sorted by name), for tests.
+    `limit` converts only the first `limit` images of each split (sorted by name), for tests. `downsample`
+    (1, 2 or 4): block-mean images and block-majority labels at that factor, spacing `downsample`.
     """
     source = Path(source)
     if not source.is_dir():
         raise DpunetError(f"{source}: CamVid folder not found")
+    if downsample not in DOWNSAMPLE_FACTORS:
+        raise DpunetError(f"--downsample must be one of {DOWNSAMPLE_FACTORS}, got {downsample}")
     folder = Path(raw_root) / f"Task{task_id:03d}_CamVid"
+    _check_resolution(folder, downsample)
     train = _split(source, "train", "trainannot", limit)
     val = _split(source, "val", "valannot", limit)
-    convert_all(train, folder / "imagesTr", folder / "labelsTr", "RGB", _check_labels, "CamVid train")
-    convert_all(val, folder / "imagesTs", folder / "labelsTs", "RGB", _check_labels, "CamVid val")
+    if downsample == 1:
+        convert_all(train, folder / "imagesTr", folder / "labelsTr", "RGB", _check_labels, "CamVid train")
+        convert_all(val, folder / "imagesTs", folder / "labelsTs", "RGB", _check_labels, "CamVid val")
+    else:
+        _convert_downsampled(train, folder / "imagesTr", folder / "labelsTr", downsample)
+        _convert_downsampled(val, folder / "imagesTs", folder / "labelsTs", downsample)
     names = class_names(source)
+    resolution = "full resolution" if downsample == 1 else f"downsampled {downsample}x (block mean / block majority)"
     dataset = {
         "name": "CamVid",
-        "description": "CamVid street scenes, SegNet's 11 classes + void; val split as test set with labelsTs/",
+        "description": "CamVid street scenes, SegNet's 11 classes + void; val split as test set with labelsTs/; "
+                       f"{resolution}",
+        "downsample": downsample,
         "reference": "Brostow et al., Pattern Recognition Letters 30(2), 2009; 11-class relabelling by SegNet",
         "licence": "research use only, non-commercial; do not redistribute",
         "tensorImageSize": "4D",
@@ -107,8 +173,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("-o", "--output-root", type=Path, default=None, help="raw data root (default: $DPUNET_RAW)")
     p.add_argument("--task-id", type=int, default=101)
     p.add_argument("--limit", type=int, default=None, help="convert only the first N images of each split")
+    p.add_argument("--downsample", type=int, default=1, choices=DOWNSAMPLE_FACTORS,
+                   help="resolution factor: 2 or 4 average each 2x2 or 4x4 block (labels: the block's most frequent "
+                        "value), for CPU studies; recorded in dataset.json (default 1: full resolution)")
     args = p.parse_args(argv)
-    folder = convert_camvid(args.input, args.output_root or paths.raw_root(), args.task_id, args.limit)
+    folder = convert_camvid(args.input, args.output_root or paths.raw_root(), args.task_id, args.limit,
+                            args.downsample)
     print(f"wrote {folder}")
     return 0
 

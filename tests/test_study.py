@@ -3,6 +3,7 @@ acceptance study (killed in the middle, resumed, report checked against an indep
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -292,3 +293,48 @@ def test_a_failed_cell_is_recorded_and_the_study_goes_on(tiny_task, tmp_path, us
     error = (spec.folder / "cells" / broken.key / "error.txt").read_text()
     assert "3d_lowres" in error and "not planned" in error
     assert f"failed {broken.key}" in format_status(spec)
+
+
+# ----------------------------------------------------------------------------------- CamVid resolution
+def _tiny_camvid(folder: Path, size: tuple[int, int] = (8, 12)) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for images, labels in (("train", "trainannot"), ("val", "valannot")):
+        (folder / images).mkdir(parents=True)
+        (folder / labels).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / images / f"f{i}.png")
+            Image.fromarray(rng.integers(0, 12, size, dtype=np.uint8)).save(folder / labels / f"f{i}.png")
+    return folder
+
+
+def test_camvid_downsample_averages_images_takes_block_majority_labels_and_is_recorded(tmp_path):
+    from PIL import Image
+
+    from dataset_conversion.convert_camvid import convert_camvid
+
+    source = _tiny_camvid(tmp_path / "camvid")
+    folder = convert_camvid(source, tmp_path / "raw", task_id=102, downsample=2)
+    dataset = json.loads((folder / "dataset.json").read_text())
+    assert dataset["downsample"] == 2 and "downsampled 2x" in dataset["description"]
+    from dpunet.dataset.io import read_label
+
+    image_nii = nib.load(folder / "imagesTr" / "camvid_f0.nii.gz")
+    label, geometry = read_label(folder / "labelsTr" / "camvid_f0.nii.gz")
+    assert label.shape == (1, 4, 6) and tuple(geometry.spacing) == (1.0, 2.0, 2.0)
+    rgb = np.asarray(Image.open(source / "train" / "f0.png").convert("RGB")).astype(float)
+    raw_label = np.asarray(Image.open(source / "trainannot" / "f0.png"))
+    # independent oracle: loops over the 2x2 blocks
+    for y in range(4):
+        for x in range(6):
+            block = raw_label[2 * y:2 * y + 2, 2 * x:2 * x + 2].ravel()
+            values, counts = np.unique(block, return_counts=True)
+            assert label[0, y, x] == values[counts == counts.max()].min()
+    image = np.asarray(image_nii.dataobj).squeeze()
+    assert image.size == 4 * 6 * 3 and np.isclose(image.astype(float).mean(), rgb.mean(), atol=0.5)
+    assert sorted(float(z) for z in image_nii.header.get_zooms()[:2]) == [2.0, 2.0]
+    with pytest.raises(DpunetError, match="--downsample 2; convert --downsample 4 into another task id"):
+        convert_camvid(source, tmp_path / "raw", task_id=102, downsample=4)
+    with pytest.raises(DpunetError, match="--downsample must be one of"):
+        convert_camvid(source, tmp_path / "raw", task_id=103, downsample=3)
