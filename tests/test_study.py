@@ -338,3 +338,25 @@ def test_camvid_downsample_averages_images_takes_block_majority_labels_and_is_re
         convert_camvid(source, tmp_path / "raw", task_id=102, downsample=4)
     with pytest.raises(DpunetError, match="--downsample must be one of"):
         convert_camvid(source, tmp_path / "raw", task_id=103, downsample=3)
+
+
+def test_committed_study_specs_parse_and_cover_the_issue_grid(monkeypatch, tmp_path):
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("DPUNET_RESULTS", str(tmp_path))
+    quick = load_spec(REPO / "studies" / "quick_cpu.yaml")
+    cells = quick.cells
+    hippo_2d = [c for c in cells if (c.task, c.configuration) == ("4", "2d")]
+    archs_2d = {c.arch for c in hippo_2d}
+    assert len(archs_2d) >= 10
+    for arch in archs_2d:
+        assert {(c.epsilon, c.seed) for c in hippo_2d if c.arch == arch} == {(1, 0), (8, 0), (math.inf, 0), (8, 1)}
+    assert len({c.arch for c in cells if c.configuration == "3d_fullres"}) >= 5
+    assert len({c.arch for c in cells if c.task == "102"}) >= 6
+    assert {c.epsilon for c in cells if c.configuration == "3d_fullres" or c.task == "102"} == {8, math.inf}
+    # a fair comparison: one budget per task and configuration
+    for key in {(c.task, c.configuration) for c in cells}:
+        assert len({(c.overrides, c.width) for c in cells if (c.task, c.configuration) == key}) == 1
+    full = load_spec(REPO / "studies" / "full_gpu.yaml")
+    assert {c.fold for c in full.cells} == {"0", "1", "2", "3", "4"} and {c.seed for c in full.cells} == {0, 1, 2}
+    assert {c.epsilon for c in full.cells} == {1, 2, 4, 8, math.inf} and len(full.cells) == 5700
