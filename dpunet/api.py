@@ -90,6 +90,7 @@ def train(task: str | int, fold: int | str, epsilon: float, configuration: str |
     import torch
 
     from dpunet.planning.plans import default_configuration, load_training_inputs
+    from dpunet.privacy.accounting import accountant_warnings_summary
     from dpunet.release import MODEL_FILE, release_folder
     from dpunet.training import distributed
     from dpunet.training.config import TrainingConfig, merge_plan_and_options
@@ -110,7 +111,9 @@ def train(task: str | int, fold: int | str, epsilon: float, configuration: str |
         options["device"] = setup.device
     try:
         cfg = merge_plan_and_options(plan_config, options)
-        result = DPTrainer(cfg).run(resume=resume)
+        # calibration and the ledger ask the accountants at every logged step: their warnings, once, at the end
+        with accountant_warnings_summary(f"training {cfg.task} fold {cfg.fold}"):
+            result = DPTrainer(cfg).run(resume=resume)
     finally:
         distributed.destroy_distributed()
     if result is None:

@@ -225,6 +225,9 @@ class StepRunner:
         """Resident tensors plus the peak of torch's CPU allocations during one (profiled) step."""
         from torch.profiler import ProfilerActivity, profile
 
+        from dpunet.utils.quiet import quiet_profiler_logs
+
+        quiet_profiler_logs()  # before the first profiler of the process: Kineto reads its log level then
         self.optimizer.zero_grad(set_to_none=True)
         resident = self.resident_bytes()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

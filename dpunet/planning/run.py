@@ -7,6 +7,7 @@ from dpunet.dataset.msd import TaskInfo
 from dpunet.paths import preprocessed_root
 from dpunet.planning.planner import plan_experiment
 from dpunet.planning.splits import SPLIT_SCHEMES, make_splits
+from dpunet.privacy.accounting import accountant_warnings_summary
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import load_json, write_json
 
@@ -19,7 +20,8 @@ def plan_task(task: TaskInfo, **options: Any) -> dict[str, Any]:
     fp_path = out_dir / "dataset_fingerprint.json"
     if not fp_path.is_file():
         raise DpunetError(f"{fp_path} not found: run dpunet_extract_fingerprint (or dpunet_plan_and_preprocess)")
-    plans, splits = plan_experiment(task, load_json(fp_path), **options)
+    with accountant_warnings_summary(f"the planning of {task.name}"):  # calibration asks the accountant often
+        plans, splits = plan_experiment(task, load_json(fp_path), **options)
     splits_path = out_dir / "splits_final.json"
     existing = load_json(splits_path) if splits_path.is_file() else None
     generated = [make_splits(task.patients, scheme=s) for s in SPLIT_SCHEMES]

@@ -9,8 +9,10 @@ Google's `dp-accounting` is the independent oracle in the tests (PLD for PRV, RD
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import logging
 import math
 import numbers
 import warnings
@@ -92,13 +94,60 @@ def _check_noise_multiplier(noise_multiplier: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------ epsilon
+# What the accountant libraries said while dpunet was computing, by message: a calibration or a training run
+# asks the accountants hundreds of times, so their warnings are counted here and summarised once
+# (`accountant_warnings_summary`) instead of repeated on the terminal at every call.
+ACCOUNTANT_WARNINGS: collections.Counter[str] = collections.Counter()
+# loggers of accountant libraries that log instead of warning (Google's dp-accounting logs through absl)
+ACCOUNTANT_LOGGERS = ("absl", "dp_accounting", "prv_accountant")
+
+
+class _CountingHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            ACCOUNTANT_WARNINGS[_first_line(record.getMessage())] += 1
+
+
+def _first_line(message: str) -> str:
+    return " ".join(str(message).split())[:200]
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Opacus' PRV code divides by zero harmlessly at q = 1; its RDP code warns about the order range."""
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        warnings.simplefilter("ignore", UserWarning)
+    """Opacus' PRV code divides by zero harmlessly at q = 1 (numpy RuntimeWarnings: dropped); anything else the
+    accountants warn or log (e.g. RDP's order range, dp-accounting's "failed to converge") is counted in
+    ACCOUNTANT_WARNINGS for a one-line summary."""
+    loggers = [logging.getLogger(name) for name in ACCOUNTANT_LOGGERS]
+    saved = [(lg.propagate, list(lg.handlers)) for lg in loggers]
+    handler = _CountingHandler()
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    try:
+        with warnings.catch_warnings(record=True) as caught, np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("always")
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        for lg, (propagate, handlers) in zip(loggers, saved):
+            lg.handlers, lg.propagate = handlers, propagate
+    for w in caught:
+        ACCOUNTANT_WARNINGS[_first_line(w.message)] += 1
+
+
+@contextlib.contextmanager
+def accountant_warnings_summary(what: str, report: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Around a whole command or run: at the end, one line per distinct accountant warning that arrived during
+    it, with its count (through `report`, default dpunet's `warn`)."""
+    before = collections.Counter(ACCOUNTANT_WARNINGS)
+    try:
         yield
+    finally:
+        new = ACCOUNTANT_WARNINGS - before
+        if new:
+            from dpunet.utils.errors import warn
+
+            for message, count in new.most_common():
+                (report or warn)(f"the privacy accountant warned {count} time(s) during {what}: {message}")
 
 
 def _prv_epsilon(history: History, delta: float, refine: bool = True) -> float:
