@@ -264,3 +264,34 @@ def test_bench_engine_runs_a_classic_arch_with_a_single_output(monkeypatch, caps
     with pytest.raises(SystemExit) as refused:
         engine_bench.main(["--arch", "fpn", "--output", "perf.md"])
     assert refused.value.code == 2 and "without --output" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- real hippocampus plans
+@pytest.mark.slow
+@pytest.mark.shared
+def test_hippocampus_plans_every_classic_arch_engines_equal_reference(tmp_path, monkeypatch, hippocampus_dir):
+    """The acceptance check of issue 11 on the real plans (hippocampus 2d 56x40 and 3d_fullres 40x56x40, width
+    0.125): every name builds, keeps the patch shape, and one DP step's clipped per-patient sums of fast and
+    functorch equal the reference loop (float64, K = 2, clipping active)."""
+    from dpunet.pipeline import cli as plan_and_preprocess
+    from dpunet.utils.files import load_json
+
+    for key in ("raw", "preprocessed", "results"):
+        (tmp_path / key).mkdir()
+        monkeypatch.setenv(f"DPUNET_{key.upper()}", str(tmp_path / key))
+    (tmp_path / "raw" / "Task04_Hippocampus").symlink_to(hippocampus_dir)
+    with pytest.raises(SystemExit) as done:
+        plan_and_preprocess.main(["-t", "4", "-c", "2d", "3d_fullres", "--no-verify", "--no-preprocess", "-np", "1"])
+    assert done.value.code == 0
+    plans = load_json(tmp_path / "preprocessed" / "Task04_Hippocampus" / "dpunet_plans.json")["configurations"]
+    for configuration in ("2d", "3d_fullres"):
+        pc = plans[configuration]
+        for name in NAMES:
+            torch.manual_seed(0)
+            spec = apply_preset(pc["architecture"], name, WIDTH, pc["patch_size"])
+            net = build_network(spec, 1, NUM_CLASSES, False).to(torch.float64)
+            assert validate_for_dp(net) == []
+            with torch.no_grad():
+                out = net(torch.zeros(1, 1, *pc["patch_size"], dtype=torch.float64))
+            assert out.shape == (1, NUM_CLASSES, *pc["patch_size"])
+            _check_engines(net, pc["patch_size"], seed=4)
