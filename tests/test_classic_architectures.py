@@ -244,6 +244,20 @@ def test_train_fpn_2d_end_to_end_rebuild_from_release_and_predict(tmp_path, use_
         assert g_in.matches(g_out) == [] and seg.shape == image.shape[1:]
 
 
+def test_random_image_pretraining_runs_a_classic_network_without_deep_supervision(tmp_path):
+    from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_random_images
+
+    plan_config = {"architecture": plan_arch(3), "patch_size": PATCH[3]}
+    cfg = PretrainingConfig(arch="pspnet", width=WIDTH, steps=2, batch_size=2)  # deep_supervision=True
+    out = tmp_path / "pre.pt"
+    summary = pretrain_on_random_images(plan_config, 1, NUM_CLASSES, cfg, out, "TaskTest")
+    assert out.is_file() and summary["steps"] == 2
+    state = torch.load(out, weights_only=True)
+    assert state["architecture"]["class_name"] == "PSPNet"
+    rebuilt = build_network(state["architecture"], 1, NUM_CLASSES, False)
+    rebuilt.load_state_dict(state["weights"])
+
+
 # ------------------------------------------------------------------------------------- dpunet_bench_engine
 def test_bench_engine_runs_a_classic_arch_with_a_single_output(monkeypatch, capsys):
     from dpunet.benchmark import engine_bench
