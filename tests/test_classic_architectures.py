@@ -244,6 +244,18 @@ def test_train_fpn_2d_end_to_end_rebuild_from_release_and_predict(tmp_path, use_
         assert g_in.matches(g_out) == [] and seg.shape == image.shape[1:]
 
 
+def test_dpunet_archs_rows_name_the_paper_dims_parameters_and_engines():
+    from dpunet.architectures.cli import default_configuration, describe
+
+    for name in NAMES:
+        row = describe(name, default_configuration(3), 1, NUM_CLASSES, WIDTH, False)
+        assert row["source"] == CLASSIC_ARCHITECTURES[name].paper and row["dims"] == "2D/3D"
+        params = count_parameters(build_network(classic_spec(name, default_configuration(3)["architecture"],
+                                                             [64, 64, 64], WIDTH), 1, NUM_CLASSES, False))
+        assert row["params"] == f"{params:,}" and "functorch: yes" in row["engines"]
+    assert "2017" in CLASSIC_ARCHITECTURES["pspnet"].paper and "Chen" in CLASSIC_ARCHITECTURES["deeplabv3plus"].paper
+
+
 def test_random_image_pretraining_runs_a_classic_network_without_deep_supervision(tmp_path):
     from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_random_images
 
