@@ -173,9 +173,12 @@ def _batch(patch: list[int], seed: int, patients: int = 2, k: int = 2) -> Patien
 
 ENGINE_CASES = [("monai_unet", 2), ("monai_unet", 3), ("segresnet", 3), ("attention_unet", 2),
                 ("basic_unet", 3), ("dynunet", 3), ("swin_unetr", 2)]
+SLOW_ENGINE_CASES = {("basic_unet", 3)}  # 15 s on one thread
 
 
-@pytest.mark.parametrize("name,dim", ENGINE_CASES, ids=[f"{n}-{d}d" for n, d in ENGINE_CASES])
+@pytest.mark.parametrize("name,dim", [pytest.param(n, d, marks=pytest.mark.slow) if (n, d) in SLOW_ENGINE_CASES
+                                      else (n, d) for n, d in ENGINE_CASES],
+                         ids=[f"{n}-{d}d" for n, d in ENGINE_CASES])
 def test_functorch_and_fast_clipped_sums_equal_reference_loop(name, dim):
     net, patch = build(name, dim, torch.float64)
     net.train()
@@ -227,6 +230,52 @@ def test_swin_unetr_3d_fast_and_functorch_equal_reference_loop():
         assert torch.allclose(stats.grad_norms, ref_stats.grad_norms, rtol=1e-5)
 
 
+def test_dynunet_deep_supervision_sums_equal_reference_loop_and_eval_gives_the_main_head():
+    """DynUNet with MONAI's deep supervision: in training a list of n_stages - 1 full-resolution outputs (main
+    first) that dpunet's loss weighs as for its U-Net (targets at full resolution); the fast and functorch
+    engines equal the reference loop on it; eval mode gives the main output only."""
+    from dpunet.architectures import supervision_levels
+    from dpunet.training.loss import deep_supervision_weights, downsample_seg_for_deep_supervision
+
+    arch = plan_arch(2)
+    arch["kwargs"].update(n_stages=4, features_per_stage=[8, 16, 32, 32], kernel_sizes=[[3, 3]] * 4,
+                          strides=[[1, 1], [2, 2], [2, 2], [2, 2]])
+    torch.manual_seed(0)
+    spec = apply_preset(arch, "dynunet", 0.5, [16, 16])
+    net = build_network(spec, 1, NUM_CLASSES, True).to(torch.float64)
+    n_out, strides = supervision_levels(spec, True, 2)
+    assert n_out == 3 and strides == [[1, 1]] * 4  # every head at full resolution
+    weights = deep_supervision_weights(n_out)
+    assert weights[1] > 0  # a head really enters the loss
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        outs = net.train()(x)
+        assert isinstance(outs, list) and len(outs) == 3
+        assert all(o.shape == (2, NUM_CLASSES, 16, 16) for o in outs)
+        assert not torch.allclose(outs[0], outs[1])
+        torch.testing.assert_close(net.eval()(x), outs[0])  # no batch statistics: train = eval maths
+        net.deep_supervision = False
+        torch.testing.assert_close(net.train()(x), outs[0])
+        net.deep_supervision = True
+    net.train()
+    loss = SegmentationLoss(NUM_CLASSES, deep_supervision_weights=weights, patches_per_patient=2)
+    g = torch.Generator().manual_seed(6)
+    seg = torch.randint(0, NUM_CLASSES, (2, 2, 1, 16, 16), generator=g)
+    batch = PatientBatch(torch.randn(2, 2, 1, 16, 16, generator=g, dtype=torch.float64),
+                         downsample_seg_for_deep_supervision(seg, strides, n_out))
+    ref, ref_stats = _summed(net, batch, loss, "reference_loop")
+    assert ref_stats.num_clipped == 2
+    # the head next to the main output has weight 1/3 and is trained; the lowest has weight 0, as in dpunet
+    head = [i for i, (n, _) in enumerate(net.named_parameters()) if "deep_supervision_heads.0." in n]
+    assert head and all(ref[i].abs().sum() > 0 for i in head)
+    for engine in ("functorch", "fast"):
+        got, stats = _summed(net, batch, loss, engine)
+        assert_close(got, ref)
+        assert torch.allclose(stats.grad_norms, ref_stats.grad_norms, rtol=1e-5)
+    with pytest.raises(DpunetError, match="without deep supervision"):
+        build_network(apply_preset(plan_arch(2), "attention_unet", 0.25, [16, 16]), 1, NUM_CLASSES, True)
+
+
 def _summed(net, batch, loss, engine_name, clip_norm=1e-3):
     """(clipped per-patient sum, stats) of one engine; like tests.test_engines.summed, with dpunet's loss."""
     engine = make_engine(engine_name, net, loss, clip_norm)
@@ -256,6 +305,7 @@ def test_opacus_issue_671_monai_3d_unet_through_dpunet_engines():
 
 
 # -------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow  # the unetr and dynunet runs below cover the same path in the default suite
 def test_train_monai_unet_end_to_end_and_rebuild_from_release(tmp_path, use_roots, capsys):
     from dpunet.inference.predictor import load_fold_model
     from dpunet.training import cli as train_cli
@@ -326,6 +376,29 @@ def test_adapted_patch_trains_releases_and_predicts_in_the_input_geometry(name, 
         image, g_in = read_image(images / case)
         seg, g_out = read_label(out / case)
         assert g_in.matches(g_out) == [] and seg.shape == image.shape[1:] == g_in.shape
+
+
+def test_dynunet_trains_with_deep_supervision_and_its_release_predicts_with_the_main_head(synthetic_3d, use_roots,
+                                                                                         capsys):
+    from dpunet.inference.predictor import load_fold_model
+    from dpunet.training import cli as train_cli
+
+    roots = use_roots(synthetic_3d)
+    with pytest.raises(SystemExit) as done:
+        train_cli.main(["990", "0", "--eps", "8", "-c", "3d_fullres", "--arch", "dynunet", "--width", "0.25",
+                        "--init-from", "none", "--engine", "fast", "--no-validation", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert done.value.code == 0, err[-2000:]
+    assert "without deep supervision" not in err
+    [model_path] = (roots["results"] / "Task990_Synthetic3D").glob("dynunet__3d_fullres__*/fold_0/release/"
+                                                                    "model_release.pt")
+    fold_model = load_fold_model(model_path)
+    net = fold_model.network
+    assert net.has_deep_supervision_heads and not net.deep_supervision and not net.training
+    patch = fold_model.plan_configuration["patch_size"]
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, *patch))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, fold_model.num_classes, *patch)
 
 
 # ------------------------------------------------------------------------------------------- dpunet_archs

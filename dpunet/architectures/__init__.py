@@ -5,9 +5,9 @@
 """
 from dpunet.architectures.registry import NETWORK_CLASSES, build_network, count_parameters, validate_for_dp
 from dpunet.architectures.dp_conversion import make_dp_compatible
-from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES, MonaiNet, is_monai_arch
+from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES, MonaiNet, is_monai_arch, monai_has_deep_supervision
 from dpunet.architectures.presets import (ARCHITECTURE_PRESETS, BASELINE_AXES, apply_preset, arch_for_configuration,
-                                         architecture_names, configuration_for_arch)
+                                         architecture_names, configuration_for_arch, supervision_levels)
 from dpunet.architectures.trainable import TRAINABLE_SUBSETS, select_trainable
 from dpunet.architectures.unet import PlainConvUNet, ResidualEncoderUNet, UNetBase, UNetConfig, output_shapes
 
@@ -27,7 +27,9 @@ __all__ = [
     "architecture_names",
     "is_monai_arch",
     "make_dp_compatible",
+    "monai_has_deep_supervision",
     "select_trainable",
+    "supervision_levels",
     "build_network",
     "configuration_for_arch",
     "count_parameters",

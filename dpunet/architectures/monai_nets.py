@@ -8,8 +8,9 @@ to the arguments of one MONAI class. The spec is stored like any other architect
 
 so `build_network` (and the release file) rebuilds exactly the trained network. `MonaiNet` builds the MONAI
 class as published and runs `make_dp_compatible` on it (BatchNorm -> GroupNorm, no in-place activations, no
-running statistics). MONAI networks train with a single output (no deep supervision); the training config
-switches deep supervision off for them.
+running statistics). MONAI networks train with a single output, except DynUNet, whose deep-supervision heads
+(MONAI interpolates them to full resolution) enter dpunet's loss with dpunet's weights
+(`monai_deep_supervision_outputs`); the training config switches deep supervision off for the others.
 
 Which channels --width scales: for the names that follow the plan's topology (monai_unet, attention_unet,
 dynunet) the plan's features_per_stage; for the fixed-topology names the MONAI class's published default
@@ -39,6 +40,8 @@ class MonaiArch:
     # (plan arch kwargs, patch size, width) -> (MONAI kwargs without in/out channels, per-axis divisor of the patch)
     make_kwargs: Callable[[dict[str, Any], list[int], float], tuple[dict[str, Any], list[int]]]
     width_applied: bool = True
+    # the MONAI class has deep-supervision heads (DynUNet: `deep_supervision`, `deep_supr_num`)
+    deep_supervision: bool = False
 
 
 def _scale(channels: Sequence[int], width: float, multiple: int = 4) -> list[int]:
@@ -121,8 +124,8 @@ MONAI_ARCHITECTURES: dict[str, MonaiArch] = {
                                 "topology; its BatchNorms become GroupNorms", _attention_unet),
     "segresnet": MonaiArch("SegResNet", (2, 3), "MONAI SegResNet (Myronenko 2018), without the VAE branch",
                            _segresnet),
-    "dynunet": MonaiArch("DynUNet", (2, 3), "MONAI DynUNet (nnU-Net topology from the plan), trained without "
-                         "deep supervision", _dynunet),
+    "dynunet": MonaiArch("DynUNet", (2, 3), "MONAI DynUNet (nnU-Net topology from the plan), with deep "
+                         "supervision (its heads, interpolated to full resolution)", _dynunet, deep_supervision=True),
     "vnet": MonaiArch("VNet", (3,), "MONAI VNet (Milletari et al. 2016), 3D only, fixed channels, dropout off; "
                       "its BatchNorms become GroupNorms", _vnet, width_applied=False),
     "unetr": MonaiArch("UNETR", (2, 3), "MONAI UNETR (Hatamizadeh et al. 2022), ViT-B scaled by the width",
@@ -135,6 +138,21 @@ MONAI_ARCHITECTURES: dict[str, MonaiArch] = {
 
 def is_monai_arch(name: str) -> bool:
     return name in MONAI_ARCHITECTURES
+
+
+def monai_has_deep_supervision(name: str) -> bool:
+    """Whether MONAI name `name` trains with deep supervision in dpunet (DynUNet)."""
+    return name in MONAI_ARCHITECTURES and MONAI_ARCHITECTURES[name].deep_supervision
+
+
+def monai_deep_supervision_outputs(spec: dict[str, Any]) -> int:
+    """Outputs of a MONAI spec's network in training with deep supervision, all at full resolution: the
+    main output and one head per decoder stage below it except the lowest, as dpunet's U-Net gives
+    (n_stages - 1; DynUNet's deep_supr_num is n_stages - 2), or 1 for names without heads."""
+    kwargs = spec["kwargs"]
+    if not MONAI_ARCHITECTURES[kwargs["name"]].deep_supervision:
+        return 1
+    return max(1, len(kwargs["monai_kwargs"]["strides"]) - 1)
 
 
 def _bottleneck_voxels(patch: Sequence[int], divisor: Sequence[int]) -> int:
@@ -211,16 +229,20 @@ def monai_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int] |
 
 
 class MonaiNet(nn.Module):
-    """A MONAI network as published, made fit for DP-SGD, returning one logits tensor.
+    """A MONAI network as published, made fit for DP-SGD.
 
-    `deep_supervision` exists for the trainer and the release loader (they set it to False for inference);
-    MONAI networks here always give the full-resolution output only, so True is refused at build time."""
+    Without deep supervision the forward returns one logits tensor. With `deep_supervision` (DynUNet only:
+    MONAI's `deep_supervision=True, deep_supr_num=n_stages - 2`) it returns, in training mode, a list of
+    n_stages - 1 logits tensors, the main output first, every head interpolated by MONAI to the input's
+    resolution (so every level's target is the full-resolution label map); in eval mode, or with the
+    `deep_supervision` attribute set to False, only the main output. Other names refuse deep supervision."""
 
     def __init__(self, in_channels: int, num_classes: int, deep_supervision: bool, name: str, monai_class: str,
                  dim: int, monai_kwargs: dict[str, Any], dp_norm: str = "group", num_groups: int = 8,
                  required_divisor: Sequence[int] | None = None, width_applied: bool = True) -> None:
         super().__init__()
-        if deep_supervision:
+        entry = MONAI_ARCHITECTURES.get(name)
+        if deep_supervision and not (entry is not None and entry.deep_supervision):
             raise DpunetError(f"--arch {name} trains without deep supervision in dpunet; build it with "
                               "deep_supervision=False")
         import monai.networks.nets as monai_nets
@@ -231,19 +253,38 @@ class MonaiNet(nn.Module):
         self.name, self.dim = name, int(dim)
         self.in_channels, self.num_classes = int(in_channels), int(num_classes)
         self.required_divisor = [int(d) for d in (required_divisor or [1] * self.dim)]
-        self.deep_supervision = False
+        heads = max(0, len(monai_kwargs.get("strides", [])) - 2) if deep_supervision else 0
+        extra = {"deep_supervision": True, "deep_supr_num": heads} if heads else {}
+        self.has_deep_supervision_heads = bool(heads)
+        self._deep_supervision = bool(heads)
         try:
             net = cls(spatial_dims=self.dim, in_channels=self.in_channels, out_channels=self.num_classes,
-                      **monai_kwargs)
+                      **monai_kwargs, **extra)
         except (TypeError, ValueError, AssertionError, ImportError) as e:
             raise DpunetError(f"--arch {name}: MONAI's {monai_class} refused its arguments ({type(e).__name__}: "
                               f"{e})") from None
         self.net = make_dp_compatible(net, dp_norm, num_groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def deep_supervision(self) -> bool:
+        return self._deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, value: bool) -> None:
+        if value and not self.has_deep_supervision_heads:
+            raise DpunetError(f"--arch {self.name} was built without deep-supervision heads; rebuild it with "
+                              "deep_supervision=True")
+        self._deep_supervision = bool(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         out = self.net(x)
         # some MONAI classes return a list/tuple (UNet++: one entry without deep supervision)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        if isinstance(out, (list, tuple)):
+            return out[0]
+        if self.has_deep_supervision_heads and self.training:
+            # DynUNet in training: (N, heads + 1, C, *S), the main output first
+            return list(out.unbind(1)) if self._deep_supervision else out[:, 0]
+        return out
 
 
 def _register() -> None:

@@ -13,7 +13,8 @@ import math
 from typing import Any, Sequence
 
 from dpunet.architectures.classic_nets import CLASSIC_ARCHITECTURES, classic_spec
-from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES, monai_spec
+from dpunet.architectures.monai_nets import (MONAI_ARCHITECTURES, MONAI_CLASS_NAME, monai_deep_supervision_outputs,
+                                          monai_spec)
 from dpunet.utils.errors import DpunetError
 
 BASELINE_AXES: dict[str, Any] = {
@@ -175,3 +176,20 @@ def configuration_for_arch(plan_config: dict[str, Any], spec: dict[str, Any]) ->
         if config.get("batch_size") and config.get("dp"):
             config["batch_size"] = per_micro * int(config["dp"]["patches_per_patient"])
     return config
+
+
+def supervision_levels(spec: dict[str, Any], deep_supervision: bool, dim: int) -> tuple[int, list[list[int]]]:
+    """(outputs the network built from `spec` gives in training, per-stage strides whose cumulative products
+    down-sample the targets, for `downsample_seg_for_deep_supervision(seg, strides, outputs)`).
+
+    dpunet's U-Nets with deep supervision: n_stages - 1 outputs at the plan's strides. DynUNet (MONAI): the
+    same number of outputs, every one at full resolution (MONAI interpolates its heads up), so unit strides.
+    Without deep supervision: one full-resolution output."""
+    ones = [1] * int(dim)
+    if not deep_supervision:
+        return 1, [ones, ones]
+    if spec.get("class_name") == MONAI_CLASS_NAME:
+        n = monai_deep_supervision_outputs(spec)
+        return n, [ones] * (n + 1)
+    strides = [[int(v) for v in s] for s in spec["kwargs"]["strides"]]
+    return len(strides) - 1, strides

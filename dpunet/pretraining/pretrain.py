@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 import dpunet
-from dpunet.architectures import arch_for_configuration, build_network, is_monai_arch
+from dpunet.architectures import (arch_for_configuration, build_network, is_monai_arch, monai_has_deep_supervision,
+                                  supervision_levels)
 from dpunet.architectures.classic_nets import is_classic_arch
 from dpunet.paths import results_root
 from dpunet.pretraining.random_images import random_segmentation_batch
@@ -61,11 +62,11 @@ def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, nu
     # the patch the network is built for (a MONAI network may adapt the plan's, as dpunet_train does)
     arch, plan_config = arch_for_configuration(plan_config, cfg.arch, cfg.width)
     patch = plan_config["patch_size"]
-    # MONAI networks give one output: no deep supervision (as in dpunet_train)
-    deep_supervision = cfg.deep_supervision and not (is_monai_arch(cfg.arch) or is_classic_arch(cfg.arch))
+    # MONAI networks other than DynUNet and the classic families give one output (as in dpunet_train)
+    deep_supervision = cfg.deep_supervision and not ((is_monai_arch(cfg.arch) and not monai_has_deep_supervision(
+        cfg.arch)) or is_classic_arch(cfg.arch))
     model = build_network(arch, num_channels, num_classes, deep_supervision).to(cfg.device)
-    strides = arch["kwargs"]["strides"] if deep_supervision else [[1] * len(patch)] * 2
-    n_out = len(strides) - 1 if deep_supervision else 1
+    n_out, strides = supervision_levels(arch, deep_supervision, len(patch))
     loss_fn = SegmentationLoss(num_classes, None, deep_supervision_weights(n_out))
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate, 0.9, 0.0)
     losses: list[float] = []
@@ -73,8 +74,7 @@ def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, nu
     model.train()
     for step in tqdm(range(cfg.steps), desc="pretrain on random images", unit="step"):
         data, seg = random_segmentation_batch(rng, cfg.batch_size, patch, num_channels, num_classes)
-        targets = downsample_seg_for_deep_supervision(torch.from_numpy(seg).long(), strides,
-                                                      None if deep_supervision else 1)
+        targets = downsample_seg_for_deep_supervision(torch.from_numpy(seg).long(), strides, n_out)
         outputs = model(torch.from_numpy(data).to(cfg.device))
         loss = loss_fn(outputs, [t.to(cfg.device) for t in targets]).mean()
         for group in optimizer.param_groups:

@@ -122,7 +122,10 @@ def network_from_release(model: ReleasedModel) -> nn.Module:
     """The trained architecture with the released weights, in eval mode, full-resolution output only."""
     # deep-supervision heads are part of the weights: build as trained, then use the full-resolution output only
     num_heads = len({k.split(".")[2] for k in model.weights if k.startswith("decoder.heads.")})
-    network = build_network(model.architecture, model.num_channels, model.num_classes, deep_supervision=num_heads > 1)
+    # MONAI DynUNet keeps its deep-supervision heads under this name
+    monai_heads = any(k.startswith("net.deep_supervision_heads.") for k in model.weights)
+    network = build_network(model.architecture, model.num_channels, model.num_classes,
+                            deep_supervision=num_heads > 1 or monai_heads)
     try:
         network.load_state_dict(model.weights)
     except RuntimeError as e:

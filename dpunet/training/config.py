@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from dpunet.architectures.classic_nets import is_classic_arch
-from dpunet.architectures.monai_nets import is_monai_arch
+from dpunet.architectures.monai_nets import is_monai_arch, monai_has_deep_supervision
 from dpunet.pretraining.pretrain import PretrainingConfig
 from dpunet.utils.errors import DpunetError, warn
 
@@ -106,9 +106,10 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
             values[key] = train[key]
     values.update({k: v for k, v in options.items() if v is not None})
     cfg = TrainingConfig(**values)
-    if cfg.deep_supervision and (is_monai_arch(cfg.arch) or is_classic_arch(cfg.arch)):
-        # the trainer's deep-supervision targets follow dpunet's U-Net strides; MONAI networks and the classic
-        # families (DeepLabV3+, FPN, PSPNet, LinkNet) give one output
+    if cfg.deep_supervision and ((is_monai_arch(cfg.arch) and not monai_has_deep_supervision(cfg.arch))
+                                 or is_classic_arch(cfg.arch)):
+        # MONAI networks other than DynUNet (whose heads enter the loss) and the classic families (DeepLabV3+,
+        # FPN, PSPNet, LinkNet) give one output
         kind = "a MONAI network" if is_monai_arch(cfg.arch) else "a classic family"
         warn(f"--arch {cfg.arch} ({kind}) trains without deep supervision in dpunet")
         cfg.deep_supervision = False

@@ -23,6 +23,13 @@ from dpunet.utils.errors import DpunetError
 # tensors that may differ in shape from the checkpoint (another number of classes): they keep their seeded
 # initialisation
 RESHAPEABLE_PREFIXES = ("decoder.heads.",)
+# MONAI DynUNet's deep-supervision heads (registered twice: in its head list and inside its skip layers)
+DEEP_SUPERVISION_HEAD_PARTS = ("deep_supervision_heads.", ".super_head.")
+
+
+def is_head_weight(key: str) -> bool:
+    """A tensor of an output head: it may differ (classes) or be absent (deep supervision on or off)."""
+    return key.startswith(RESHAPEABLE_PREFIXES) or any(part in key for part in DEEP_SUPERVISION_HEAD_PARTS)
 
 
 def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
@@ -83,16 +90,16 @@ def load_initial_weights(model: nn.Module, path: str | Path, task_name: str) -> 
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     reshaped = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
-    bad_shapes = [k for k in reshaped if not k.startswith(RESHAPEABLE_PREFIXES)]
-    not_heads = [k for k in missing + unexpected if not k.startswith(RESHAPEABLE_PREFIXES)]
+    bad_shapes = [k for k in reshaped if not is_head_weight(k)]
+    not_heads = [k for k in missing + unexpected if not is_head_weight(k)]
     if bad_shapes or not_heads:
         detail = "; ".join([f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shapes[:3]] +
                            [f"{k}: only in one of them" for k in not_heads[:3]])
         raise DpunetError(f"--init-from {path}: the checkpoint's network differs from the planned one "
                           f"({len(bad_shapes) + len(not_heads)} tensors, e.g. {detail}); pretrain with the same "
                           f"plan, --arch and --width")
-    heads_own = {k for k in own if k.startswith(RESHAPEABLE_PREFIXES)}
-    heads_saved = {k for k in weights if k.startswith(RESHAPEABLE_PREFIXES)}
+    heads_own = {k for k in own if is_head_weight(k)}
+    heads_saved = {k for k in weights if is_head_weight(k)}
     if heads_own != heads_saved:  # with and without deep supervision, heads.i are different outputs
         reshaped = sorted(set(reshaped) | (heads_own & heads_saved))
     copied = {k: v for k, v in weights.items() if k in own and k not in reshaped}

@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 import dpunet
-from dpunet.architectures import arch_for_configuration, build_network, select_trainable, validate_for_dp
+from dpunet.architectures import (arch_for_configuration, build_network, select_trainable, supervision_levels,
+                                  validate_for_dp)
 from dpunet.evaluation.cross_validation import run_folder_name
 from dpunet.paths import preprocessed_root, results_root
 # importable from here as well: many callers read the plans through the trainer's module
@@ -199,7 +200,7 @@ class DPTrainer:
             if initial_weights else None
         self.num_trained_parameters = select_trainable(self.model, cfg.trainable)
         self.model.to(self.device)
-        n_out = self.arch["kwargs"]["n_stages"] - 1 if cfg.deep_supervision else 1
+        n_out, _ = supervision_levels(self.arch, cfg.deep_supervision, self.plan_config["dim"])
         # natural images (CamVid) have no background class: every class enters the Dice term
         self.loss_fn = SegmentationLoss(self.num_classes, self.task.ignore_label,
                                         deep_supervision_weights(max(1, n_out)),
@@ -220,8 +221,8 @@ class DPTrainer:
         generator = torch.Generator().manual_seed(0)
         data = torch.randn(1, k, self.task.num_channels, *pc["patch_size"], generator=generator)
         seg = torch.randint(0, self.num_classes, (1, k, 1, *pc["patch_size"]), generator=generator)
-        strides = self.arch["kwargs"]["strides"] if self.cfg.deep_supervision else [[1] * len(pc["patch_size"])] * 2
-        targets = downsample_seg_for_deep_supervision(seg, strides, None if self.cfg.deep_supervision else 1)
+        n_out, strides = supervision_levels(self.arch, self.cfg.deep_supervision, len(pc["patch_size"]))
+        targets = downsample_seg_for_deep_supervision(seg, strides, n_out)
         return PatientBatch(data.to(self.device), [t.to(self.device) for t in targets])
 
     def _build_data(self) -> None:
@@ -235,7 +236,7 @@ class DPTrainer:
             raise DpunetError(f"{self.data_dir}: {len(missing)} cases not preprocessed (e.g. {missing[:3]}); "
                               f"run dpunet_plan_and_preprocess again")
         store = PreprocessedCaseStore(self.data_dir, self.train_cases)
-        strides = self.arch["kwargs"]["strides"] if cfg.deep_supervision else None
+        strides = supervision_levels(self.arch, True, pc["dim"])[1] if cfg.deep_supervision else None
         self.patch_sampler = PatientPatchSampler(
             store, self.patients, pc["patch_size"], cfg.patches_per_patient, cfg.oversample_foreground,
             pc.get("augmentation") if cfg.augmentation else None, pc["dim"], self.task.ignore_label, strides)
