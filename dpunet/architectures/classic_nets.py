@@ -360,7 +360,7 @@ def encoder_strides(patch: Sequence[int], plan_strides: Sequence[Sequence[int]] 
     size, strides = [int(p) for p in patch], []
     for level in range(LEVELS):
         if level < len(planned) and len(planned[level]) == dim and all(s in (1, 2) for s in planned[level]):
-            stride = [s if size[a] % s == 0 and size[a] // s >= 1 else 1 for a, s in enumerate(planned[level])]
+            stride = [s if size[a] % s == 0 else 1 for a, s in enumerate(planned[level])]
         else:
             stride = [2 if size[a] % 2 == 0 and size[a] // 2 >= 2 else 1 for a in range(dim)]
         size = [n // s for n, s in zip(size, stride)]
