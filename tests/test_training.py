@@ -232,3 +232,18 @@ def test_loader_benchmark_compares_delivery_with_consumption(env, capsys):
                                           "--engine", "functorch"]) == 0
     out = capsys.readouterr().out
     assert "consumes" in out and "0 worker(s), delivers" in out
+
+
+def test_run_time_is_estimated_before_training_and_max_hours_refuses(env, tmp_path, capsys):
+    trainer = make_trainer(tmp_path, init_from="random_images", pretraining_steps=3, pretraining_batch_size=2)
+    estimate = trainer.run_time_estimate
+    assert estimate.steps == STEPS and estimate.patients_per_step == 3 and estimate.patches_per_patient == 2
+    assert estimate.seconds_per_patient > 0 and estimate.noise_seconds_per_step > 0
+    assert estimate.pretraining_steps == 3 and estimate.pretraining_seconds_per_step > 0
+    assert "estimated wall time on cpu" in capsys.readouterr().out
+    # the pretraining checkpoint is now cached: the next run's estimate has no pretraining
+    assert make_trainer(tmp_path / "again", init_from="random_images", pretraining_steps=3,
+                        pretraining_batch_size=2).run_time_estimate.pretraining_steps == 0
+    with pytest.raises(DpunetError, match=r"--max-hours 1e-09: estimated wall time on cpu: .* steps fit \(--steps 0\)"):
+        make_trainer(tmp_path / "refused", max_hours=1e-9)
+    assert not (tmp_path / "refused").exists()

@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=None, help="target delta (plan default 1e-5)")
     p.add_argument("--arch", default="unet", help="architecture: a U-Net preset or a MONAI network (unet; list: dpunet_archs)")
     p.add_argument("--width", type=float, default=None, help="width multiplier of the planned features")
+    p.add_argument("--dp-norm", default=None, choices=["group", "instance"],
+                   help="per-sample norm replacing BatchNorm in converted networks (MONAI, classic families): "
+                        "GroupNorm (group, default) or InstanceNorm without running statistics (instance)")
+    p.add_argument("--norm-groups", type=int, default=None,
+                   help="GroupNorm groups for --dp-norm group: the largest divisor of each layer's channels up to "
+                        "this (8)")
     p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
                    help="parameters DP-SGD updates; the rest keep their seeded initialisation (all)")
     p.add_argument("--init-from", default=None, metavar="random_images|none|CHECKPOINT",
@@ -73,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mirroring test-time augmentation during the final validation")
     p.add_argument("--run-tag", default=None, help="text appended to the run folder's name, to keep runs that differ "
                                                    "in other options apart (dpunet_study sets one)")
+    p.add_argument("--max-hours", type=float, default=None,
+                   help="refuse to start when the run's estimated wall time (measured on this device before "
+                        "pretraining) exceeds this many hours; without it a CPU run estimated over 1 h only warns")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="resume from private/checkpoint_latest.pt")
     return p

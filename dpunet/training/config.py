@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from dpunet.architectures.classic_nets import is_classic_arch
+from dpunet.architectures.dp_conversion import DP_NORMS
 from dpunet.architectures.monai_nets import is_monai_arch, monai_has_deep_supervision
 from dpunet.pretraining.pretrain import PretrainingConfig
 from dpunet.utils.errors import DpunetError, warn
@@ -24,6 +25,9 @@ class TrainingConfig:
     fold: str
     arch: str = "unet"
     width: float = 1.0
+    # the per-sample norm that replaces BatchNorm in converted networks (MONAI, classic families)
+    dp_norm: str = "group"
+    norm_groups: int = 8
     trainable: str = "all"
     init_from: str = "none"
     pretraining_steps: int = PRETRAINING_DEFAULTS.steps
@@ -64,6 +68,8 @@ class TrainingConfig:
     validation_step_size: float = 0.5
     validation_mirroring: bool = False
     select_checkpoint_on_validation: bool = False
+    # refuse to start when the measured estimate of the run's wall time exceeds this (hours); None: only warn
+    max_hours: float | None = None
     # appended to the run folder's name (dpunet_study: a short hash of a cell's other overrides); not a hyperparameter
     run_tag: str = ""
 
@@ -113,6 +119,10 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
         kind = "a MONAI network" if is_monai_arch(cfg.arch) else "a classic family"
         warn(f"--arch {cfg.arch} ({kind}) trains without deep supervision in dpunet")
         cfg.deep_supervision = False
+    if cfg.dp_norm not in DP_NORMS:
+        raise DpunetError(f"--dp-norm must be one of {', '.join(DP_NORMS)}, got {cfg.dp_norm!r}")
+    if cfg.norm_groups < 1:
+        raise DpunetError(f"--norm-groups must be at least 1, got {cfg.norm_groups}")
     if cfg.steps < 1:
         raise DpunetError("--steps must be at least 1")
     if cfg.patches_per_patient < 1:
@@ -124,6 +134,8 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
                           f"or 'all'")
     if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
         raise DpunetError(f"--lr must be a positive number, got {cfg.learning_rate}")
+    if cfg.max_hours is not None and not (math.isfinite(cfg.max_hours) and cfg.max_hours > 0):
+        raise DpunetError(f"--max-hours must be a positive number of hours, got {cfg.max_hours}")
     if cfg.patients_per_step is not None and cfg.patients_per_step < 1:
         raise DpunetError(f"--patients-per-step must be at least 1, got {cfg.patients_per_step}")
     return cfg

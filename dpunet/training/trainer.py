@@ -35,7 +35,7 @@ from dpunet.planning.splits import fold_cases, split_statement
 from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, check_delta
 from dpunet.privacy.dp_step import assign_gradients, noise_norm_on_mean_gradient, noisy_average_gradient
 from dpunet.privacy.engines.base import PatientBatch
-from dpunet.privacy.engines.registry import make_engine
+from dpunet.privacy.engines.registry import benchmark_engines, make_engine
 from dpunet.privacy.randomness import PrivateRandomness
 from dpunet.privacy.report import build_privacy_report, render_privacy_report_markdown
 from dpunet.privacy.sampling import PoissonPatientSampler
@@ -51,6 +51,7 @@ from dpunet.training.ema import WeightEMA
 from dpunet.training.initialisation import load_initial_weights
 from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.training.progress import TrainingLog, plot_progress
+from dpunet.training.runtime_estimate import RunTimeEstimate, best_seconds, cpu_advice, describe_estimate
 from dpunet.learning.schedule import lr_factor, make_optimizer
 from dpunet.utils.errors import DpunetError, warn
 from dpunet.utils.files import write_json, write_text
@@ -68,7 +69,8 @@ def run_directory(cfg: TrainingConfig) -> Path:
 # runs from a random initialisation did not learn on hippocampus; fine-tuning pretrained weights did (results.md)
 NOISE_NORM_WARNING = 2.0
 # options that shape the weights or the optimiser state a checkpoint holds
-RESUME_FIXED_OPTIONS = ("arch", "width", "trainable", "init_from", "pretraining_steps", "deep_supervision",
+RESUME_FIXED_OPTIONS = ("arch", "width", "dp_norm", "norm_groups", "trainable", "init_from", "pretraining_steps",
+                        "deep_supervision",
                         "optimizer")
 
 
@@ -157,6 +159,12 @@ class DPTrainer:
             return PrivateRandomness.insecure_from_seed(self.cfg.seed)
         return PrivateRandomness(distributed.broadcast_bytes(PrivateRandomness.secure().key), reproducible=False)
 
+    def _pretraining_config(self) -> PretrainingConfig:
+        cfg = self.cfg
+        return PretrainingConfig(arch=cfg.arch, width=cfg.width, steps=cfg.pretraining_steps,
+                                 batch_size=cfg.pretraining_batch_size, learning_rate=cfg.pretraining_learning_rate,
+                                 seed=cfg.seed, device=cfg.device, dp_norm=cfg.dp_norm, norm_groups=cfg.norm_groups)
+
     def _initial_weights_path(self) -> Path | None:
         """None (random initialisation), the given checkpoint, or the cached random-image pretraining (made by
         rank 0 first if missing; the others wait for it)."""
@@ -165,9 +173,7 @@ class DPTrainer:
             return None
         if cfg.init_from != RANDOM_IMAGES:
             return Path(cfg.init_from)
-        pretraining = PretrainingConfig(arch=cfg.arch, width=cfg.width, steps=cfg.pretraining_steps,
-                                        batch_size=cfg.pretraining_batch_size,
-                                        learning_rate=cfg.pretraining_learning_rate, seed=cfg.seed, device=cfg.device)
+        pretraining = self._pretraining_config()
         path = pretrained_checkpoint_path(self.task_name, cfg.configuration, pretraining)
         if distributed.is_main_process() and not path.is_file():
             tqdm.write(f"pretraining on random-process images (no patient data) -> {path}")
@@ -178,13 +184,13 @@ class DPTrainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        initial_weights = self._initial_weights_path()
         torch.manual_seed(cfg.seed)
         # the patch size: MONAI networks (--arch monai_unet, unetr, ...) are built for it (issue 11), and a plan
         # patch they cannot take is adapted; from here on (data, validation, checkpoint, release) the
         # configuration is the one with the network's patch size
         planned = self.plan_config
-        self.arch, self.plan_config = arch_for_configuration(planned, cfg.arch, cfg.width)
+        self.arch, self.plan_config = arch_for_configuration(planned, cfg.arch, cfg.width, cfg.dp_norm,
+                                                             cfg.norm_groups)
         if self.plan_config is not planned:
             if distributed.is_main_process():
                 tqdm.write(f"patch size adapted: {self.arch['patch_size_adapted_because']}")
@@ -196,8 +202,6 @@ class DPTrainer:
         problems = validate_for_dp(self.model, cfg.engine) if cfg.private else []
         if problems:
             raise DpunetError("the network is not fit for DP-SGD:\n  " + "\n  ".join(problems))
-        self.initial_weights = load_initial_weights(self.model, initial_weights, self.task_name) \
-            if initial_weights else None
         self.num_trained_parameters = select_trainable(self.model, cfg.trainable)
         self.model.to(self.device)
         n_out, _ = supervision_levels(self.arch, cfg.deep_supervision, self.plan_config["dim"])
@@ -210,9 +214,63 @@ class DPTrainer:
         self.engine = make_engine(cfg.engine if cfg.private else "nonprivate", self.model, self.loss_fn,
                                   cfg.clip_norm if cfg.private else None,
                                   benchmark_batch=self._shape_only_batch() if cfg.engine == "auto" else None)
+        # timed before the longest parts (pretraining, training) start, so a run planned for a GPU is not
+        # started silently on a CPU
+        self._check_run_time()
+        initial_weights = self._initial_weights_path()
+        # loaded in place: the engine built above keeps the same parameter tensors
+        self.initial_weights = load_initial_weights(self.model, initial_weights, self.task_name) \
+            if initial_weights else None
         self.optimizer = make_optimizer(cfg.optimizer, self.engine.params, cfg.learning_rate, cfg.momentum,
                                         cfg.weight_decay)
         self.ema = WeightEMA(self.model, cfg.ema_decay)
+
+    def _pretraining_steps_to_run(self) -> int:
+        """Steps of random-image pretraining this run will do first (0 when its checkpoint is cached)."""
+        cfg = self.cfg
+        if cfg.init_from != RANDOM_IMAGES:
+            return 0
+        path = pretrained_checkpoint_path(self.task_name, cfg.configuration, self._pretraining_config())
+        return 0 if path.is_file() else cfg.pretraining_steps
+
+    def estimate_run_time(self) -> RunTimeEstimate:
+        """This run's wall time on its device, from timings of the engine, the noise and a non-private
+        forward/backward on shape-only data (no private data is read)."""
+        cfg, batch = self.cfg, self._shape_only_batch()
+        per_patient = best_seconds(lambda: self.engine.accumulate(batch), self.device)
+        self.engine.zero()
+        noise = 0.0
+        if cfg.private:
+            generator = PrivateRandomness.secure().torch_generator("run time estimate", 0, self.device)
+            noise = best_seconds(lambda: noisy_average_gradient(self.engine.summed_grad, self.noise_multiplier,
+                                                                cfg.clip_norm, cfg.patients_per_step, generator),
+                                 self.device)
+        pretraining_steps = self._pretraining_steps_to_run()
+        per_pretraining_step = 0.0
+        if pretraining_steps:
+            plain = benchmark_engines(self.model, self.loss_fn, None, batch, names=["nonprivate"], repeats=1)
+            per_pretraining_step = plain["nonprivate"] * cfg.pretraining_batch_size / cfg.patches_per_patient
+        patients_here = math.ceil(cfg.patients_per_step / distributed.world_size())
+        return RunTimeEstimate(device=self.device.type, seconds_per_patient=per_patient,
+                               patients_per_step=patients_here, patches_per_patient=cfg.patches_per_patient,
+                               steps=cfg.steps, noise_seconds_per_step=noise, pretraining_steps=pretraining_steps,
+                               pretraining_seconds_per_step=per_pretraining_step if math.isfinite(
+                                   per_pretraining_step) else 0.0)
+
+    def _check_run_time(self) -> None:
+        """Print the estimate (with the CPU recipe when a CPU run would take hours); refuse beyond --max-hours."""
+        cfg = self.cfg
+        self.run_time_estimate = self.estimate_run_time()
+        estimate = self.run_time_estimate
+        if distributed.is_main_process():
+            tqdm.write(describe_estimate(estimate))
+            advice = cpu_advice(estimate, int(self.plan_config["dim"]))
+            if advice:
+                warn(advice)
+        if cfg.max_hours is not None and estimate.total_seconds > cfg.max_hours * 3600:
+            fit = estimate.steps_that_fit(cfg.max_hours)
+            raise DpunetError(f"--max-hours {cfg.max_hours:g}: {describe_estimate(estimate)}; at this setting "
+                              f"{fit} steps fit (--steps {fit}), or lower --width / --patches-per-patient")
 
     def _shape_only_batch(self) -> PatientBatch:
         """Random data with the shapes of one patient's K patches: engine auto-selection times the engines on
@@ -433,6 +491,7 @@ class DPTrainer:
                                        "trained": self.num_trained_parameters, "subset": cfg.trainable,
                                        "noise_norm_per_step_in_units_of_C": self.noise_norm_per_step()},
                         "initial_weights": self.initial_weights,
+                        "run_time_estimate": self.run_time_estimate.to_dict(),
                         "world_size": distributed.world_size()},
                        self.private_dir / "run_config.json")
         if cfg.private and self.ledger.would_exceed(self.training_epsilon, self.training_delta,
