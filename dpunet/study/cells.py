@@ -90,15 +90,15 @@ def _test_set(task_name: str) -> Optional[tuple[Path, Path]]:
 
 def _predict_and_evaluate_test(cell: Cell, cfg: Any, fold_dir: Path, device: str) -> Optional[Path]:
     """Predictions of the labelled test set and their summary.json under fold_X/private/test/ (None: no test set)."""
+    test = _test_set(cfg.task)
+    if test is None:
+        return None
     from dpunet.dataset.msd import load_task
     from dpunet.evaluation.evaluate import evaluate_folder, write_summary
     from dpunet.inference.predictor import predict_folder
     from dpunet.paths import raw_root
     from dpunet.release import private_folder
 
-    test = _test_set(cfg.task)
-    if test is None:
-        return None
     out = private_folder(fold_dir) / "test"
     summary_path = out / "summary.json"
     if summary_path.is_file():
