@@ -4,6 +4,7 @@ clipped sums of the functorch engine equal the per-patient reference loop, and a
 end and is rebuilt from its release file. Tiny widths and patches keep the file fast."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -399,6 +400,67 @@ def test_dynunet_trains_with_deep_supervision_and_its_release_predicts_with_the_
     with torch.no_grad():
         out = net(torch.randn(1, 1, *patch))
     assert isinstance(out, torch.Tensor) and out.shape == (1, fold_model.num_classes, *patch)
+
+
+# ------------------------------------------------------------------------------------------ --dp-norm
+def test_dp_norm_option_chooses_the_norm_that_replaces_batchnorm():
+    from dpunet.pretraining.pretrain import PretrainingConfig, pretrained_checkpoint_path
+
+    import monai.networks.nets as monai_nets
+
+    def count(net, cls):
+        return sum(isinstance(m, cls) for m in net.modules())
+
+    default_spec = apply_preset(plan_arch(2), "attention_unet", 0.25, [16, 16])
+    published = monai_nets.AttentionUnet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES,
+                                         **default_spec["kwargs"]["monai_kwargs"])
+    batchnorms, instancenorms = count(published, nn.BatchNorm2d), count(published, nn.InstanceNorm2d)
+    assert batchnorms > 0
+    default = build_network(default_spec, 1, NUM_CLASSES, False)
+    assert count(default, nn.GroupNorm) == batchnorms and count(default, nn.InstanceNorm2d) == instancenorms
+    spec = apply_preset(plan_arch(2), "attention_unet", 0.25, [16, 16], dp_norm="instance")
+    assert spec["kwargs"]["dp_norm"] == "instance"
+    inst = build_network(spec, 1, NUM_CLASSES, False)
+    assert count(inst, nn.GroupNorm) == 0 and count(inst, nn.InstanceNorm2d) == batchnorms + instancenorms
+    instance = [m for m in inst.modules() if isinstance(m, nn.InstanceNorm2d)]
+    assert not any(m.track_running_stats for m in instance)
+    assert sum(m.affine for m in instance) >= batchnorms  # the replacements keep BatchNorm's affine parameters
+    assert validate_for_dp(inst) == []
+    two = build_network(apply_preset(plan_arch(2), "attention_unet", 0.25, [16, 16], num_groups=2), 1,
+                        NUM_CLASSES, False)
+    groups = [m for m in two.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(groups) == batchnorms
+    assert all(m.num_groups == largest_divisor_at_most(m.num_channels, 2) for m in groups)
+    with pytest.raises(DpunetError, match="unet_in"):
+        apply_preset(plan_arch(2), "unet", 1.0, [16, 16], dp_norm="instance")
+    with pytest.raises(DpunetError, match="--dp-norm"):
+        apply_preset(plan_arch(3), "vnet", 1.0, [32, 32, 32], dp_norm="layer")
+    # a pretraining with another norm is another file (same tensor names and shapes, different network)
+    assert pretrained_checkpoint_path("T", "2d", PretrainingConfig(arch="attention_unet")) != \
+        pretrained_checkpoint_path("T", "2d", PretrainingConfig(arch="attention_unet", dp_norm="instance"))
+
+
+def test_dp_norm_is_a_training_option_stored_with_the_run(synthetic_3d, use_roots, capsys):
+    from dpunet.inference.predictor import load_fold_model
+    from dpunet.training import cli as train_cli
+
+    roots = use_roots(synthetic_3d)
+    with pytest.raises(SystemExit) as done:
+        train_cli.main(["990", "0", "--eps", "8", "-c", "3d_fullres", "--arch", "attention_unet", "--width", "0.25",
+                        "--dp-norm", "instance", "--init-from", "none", "--engine", "fast", "--no-validation",
+                        "--device", "cpu"])
+    assert done.value.code == 0, capsys.readouterr().err[-2000:]
+    [model_path] = (roots["results"] / "Task990_Synthetic3D").glob("attention_unet__3d_fullres__*/fold_0/release/"
+                                                                    "model_release.pt")
+    run_config = json.loads((model_path.parents[1] / "private" / "run_config.json").read_text())
+    assert run_config["training_config"]["dp_norm"] == "instance"
+    assert run_config["architecture"]["kwargs"]["dp_norm"] == "instance"
+    net = load_fold_model(model_path).network  # rebuilt from the release file's spec
+    assert any(isinstance(m, nn.InstanceNorm3d) for m in net.modules())
+    assert not any(isinstance(m, nn.GroupNorm) for m in net.modules())
+    with pytest.raises(SystemExit) as done:
+        train_cli.main(["990", "0", "--eps", "8", "-c", "3d_fullres", "--norm-groups", "0", "--device", "cpu"])
+    assert done.value.code == 2 and "--norm-groups must be at least 1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- dpunet_archs

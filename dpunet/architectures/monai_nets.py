@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from dpunet.architectures.dp_conversion import make_dp_compatible
+from dpunet.architectures.dp_conversion import DP_NORMS, make_dp_compatible
 from dpunet.utils.errors import DpunetError
 
 MONAI_CLASS_NAME = "MonaiNet"
@@ -215,6 +215,9 @@ def monai_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int] |
         raise DpunetError(f"patch size {planned} does not have {dim} axes")
     if image_size is not None and len(image_size) != dim:
         raise DpunetError(f"image size {list(image_size)} does not have {dim} axes")
+    if dp_norm not in DP_NORMS or int(num_groups) < 1:
+        raise DpunetError(f"--dp-norm must be one of {', '.join(DP_NORMS)} and --norm-groups at least 1; got "
+                          f"{dp_norm!r} and {num_groups}")
     _, divisor = entry.make_kwargs(kwargs, planned, width)  # the divisor does not depend on the patch
     patch, reason = adapt_patch_size(name, planned, divisor, image_size)
     monai_kwargs, _ = entry.make_kwargs(kwargs, patch, width)

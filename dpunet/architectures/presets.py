@@ -86,14 +86,17 @@ def architecture_names() -> list[str]:
 
 
 def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float = 1.0,
-                 patch_size: Sequence[int] | None = None, image_size: Sequence[float] | None = None
-                 ) -> dict[str, Any]:
+                 patch_size: Sequence[int] | None = None, image_size: Sequence[float] | None = None,
+                 dp_norm: str = "group", num_groups: int = 8) -> dict[str, Any]:
     """A new architecture spec: the planned `arch_spec` with the preset's axes and widened features.
 
     A MONAI name (dpunet.architectures.monai_nets) gives a "MonaiNet" spec built from the plan's topology and
     `patch_size` (required for those names: some of them are built for one input size); a patch size the
     network cannot take is adapted (within `image_size`, the configuration's median image size, when given)
     and the spec's "patch_size" says which one it is built for (`configuration_for_arch`).
+    `dp_norm` ("group" or "instance") and `num_groups` choose the per-sample norm that replaces BatchNorm in
+    the converted networks (MONAI, classic families); dpunet's U-Nets choose their norm by preset name and
+    refuse other values.
 
     Switching between the plain and the residual U-Net maps convs per stage to residual blocks per stage
     (ceil(convs/2); a block holds two convs) and back (2 per block). The features are multiplied by
@@ -106,11 +109,16 @@ def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float
     if not (isinstance(width_multiplier, (int, float)) and math.isfinite(width_multiplier) and width_multiplier > 0):
         raise DpunetError(f"width multiplier must be a positive number, got {width_multiplier!r}")
     if preset in MONAI_ARCHITECTURES:
-        return monai_spec(preset, arch_spec, patch_size, float(width_multiplier), image_size=image_size)
+        return monai_spec(preset, arch_spec, patch_size, float(width_multiplier), dp_norm, num_groups,
+                          image_size=image_size)
 
     if preset in CLASSIC_ARCHITECTURES:  # DeepLabV3+, FPN, PSPNet, LinkNet: built for the plan's patch size
-        return classic_spec(preset, arch_spec, patch_size, float(width_multiplier))
+        return classic_spec(preset, arch_spec, patch_size, float(width_multiplier), dp_norm, num_groups)
 
+    if (dp_norm, int(num_groups)) != ("group", 8):
+        raise DpunetError(f"--dp-norm/--norm-groups choose the norm that replaces BatchNorm in converted networks "
+                          f"(MONAI, classic families); --arch {preset} is a dpunet U-Net, whose norm is chosen by "
+                          f"name (e.g. unet_in: InstanceNorm, unet_gn16/unet_gn32: GroupNorm with 16/32 groups)")
     entry = ARCHITECTURE_PRESETS[preset]
     old_class = arch_spec["class_name"]
     new_class = entry["class_name"] or old_class
@@ -142,13 +150,13 @@ def configuration_image_size(plan_config: dict[str, Any]) -> list[float] | None:
     return None if not median or len(median) < dim else [float(v) for v in median[-dim:]]
 
 
-def arch_for_configuration(plan_config: dict[str, Any], preset: str, width_multiplier: float = 1.0
-                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+def arch_for_configuration(plan_config: dict[str, Any], preset: str, width_multiplier: float = 1.0,
+                           dp_norm: str = "group", num_groups: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:
     """(architecture spec, plan configuration it trains and predicts with) of `preset` for a plan
     configuration: the configuration is `plan_config` itself, or a copy with the spec's adapted patch size
     (`configuration_for_arch`)."""
     spec = apply_preset(plan_config["architecture"], preset, width_multiplier, plan_config["patch_size"],
-                        configuration_image_size(plan_config))
+                        configuration_image_size(plan_config), dp_norm, num_groups)
     return spec, configuration_for_arch(plan_config, spec)
 
 

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
     p.add_argument("--arch", default=defaults.arch, help="architecture, as for dpunet_train (list: dpunet_archs)")
     p.add_argument("--width", type=float, default=defaults.width, help="width multiplier, as for dpunet_train")
+    p.add_argument("--dp-norm", default=defaults.dp_norm, choices=["group", "instance"],
+                   help="norm replacing BatchNorm in converted networks, as for dpunet_train")
+    p.add_argument("--norm-groups", type=int, default=defaults.norm_groups, help="GroupNorm groups, as for dpunet_train")
     p.add_argument("--steps", type=int, default=None, help="plan default (training.pretraining_steps)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="random images per step (plan default, training.pretraining_batch_size)")
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps or plan.get("pretraining_steps", fallback.steps),
         batch_size=args.batch_size or plan.get("pretraining_batch_size", fallback.batch_size),
         learning_rate=args.learning_rate or plan.get("pretraining_learning_rate", fallback.learning_rate),
-        deep_supervision=args.deep_supervision, seed=args.seed, device=device)
+        deep_supervision=args.deep_supervision, seed=args.seed, device=device, dp_norm=args.dp_norm,
+        norm_groups=args.norm_groups)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise DpunetError("--steps and --batch-size must be at least 1")
     output = args.output or pretrained_checkpoint_path(task_name, configuration, cfg)

@@ -44,12 +44,19 @@ class PretrainingConfig:
     deep_supervision: bool = True
     seed: int = 0
     device: str = "cpu"
+    # the per-sample norm replacing BatchNorm in converted networks (dpunet_train --dp-norm, --norm-groups)
+    dp_norm: str = "group"
+    norm_groups: int = 8
 
 
 def pretrained_checkpoint_path(task_name: str, configuration: str, cfg: PretrainingConfig) -> Path:
     """Where the checkpoint of this pretraining lives: one per (task, configuration, network, steps, seed), so
     every fold and every epsilon of a task starts from the same public weights."""
-    name = f"{cfg.arch}__{configuration}__width{cfg.width:g}__random_images__steps{cfg.steps}__seed{cfg.seed}.pt"
+    # GroupNorm and InstanceNorm weights have the same names and shapes: a non-default norm gets its own file
+    norm = "" if (cfg.dp_norm, cfg.norm_groups) == ("group", 8) else \
+        "__norm-instance" if cfg.dp_norm == "instance" else f"__norm-group{cfg.norm_groups}"
+    name = (f"{cfg.arch}__{configuration}__width{cfg.width:g}{norm}__random_images__steps{cfg.steps}"
+            f"__seed{cfg.seed}.pt")
     return results_root() / task_name / "pretrained" / name
 
 
@@ -60,7 +67,7 @@ def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, nu
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     # the patch the network is built for (a MONAI network may adapt the plan's, as dpunet_train does)
-    arch, plan_config = arch_for_configuration(plan_config, cfg.arch, cfg.width)
+    arch, plan_config = arch_for_configuration(plan_config, cfg.arch, cfg.width, cfg.dp_norm, cfg.norm_groups)
     patch = plan_config["patch_size"]
     # MONAI networks other than DynUNet and the classic families give one output (as in dpunet_train)
     deep_supervision = cfg.deep_supervision and not ((is_monai_arch(cfg.arch) and not monai_has_deep_supervision(

@@ -70,8 +70,7 @@ def run_directory(cfg: TrainingConfig) -> Path:
 NOISE_NORM_WARNING = 2.0
 # options that shape the weights or the optimiser state a checkpoint holds
 RESUME_FIXED_OPTIONS = ("arch", "width", "dp_norm", "norm_groups", "trainable", "init_from", "pretraining_steps",
-                        "deep_supervision",
-                        "optimizer")
+                        "deep_supervision", "optimizer")
 
 
 class DPTrainer:
