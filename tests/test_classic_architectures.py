@@ -169,10 +169,12 @@ def _batch(patch: list[int], seed: int, patients: int = 2, k: int = 2) -> Patien
                         [torch.randint(0, NUM_CLASSES, (patients, k, 1, *patch), generator=g)])
 
 
-def _summed(net, batch, loss, engine_name, clip_norm=1e-3):
+def _summed(net, batch, loss, engine_name, clip_norm=1e-3, described: list | None = None):
     engine = make_engine(engine_name, net, loss, clip_norm)
     try:
         stats = engine.accumulate(batch)
+        if described is not None:
+            described.append(engine.describe())
         return [g.clone() for g in engine.summed_grad], stats
     finally:
         engine.close()
@@ -184,10 +186,17 @@ def _check_engines(net: nn.Module, patch: list[int], seed: int) -> None:
     batch = _batch(patch, seed)
     ref, ref_stats = _summed(net, batch, loss, "reference_loop")
     assert ref_stats.num_clipped == 2  # clipping active for both patients
+    described: list = []
     for engine in ("fast", "functorch", "opacus_hooks"):  # no in-place tensor ops: Opacus' hooks work too
-        got, stats = _summed(net, batch, loss, engine)
+        got, stats = _summed(net, batch, loss, engine, described=described if engine == "fast" else None)
         assert_close(got, ref)
         assert torch.allclose(stats.grad_norms, ref_stats.grad_norms, rtol=1e-5)
+    # the fast engine's own rules cover every layer with parameters (no generic vmap/loop fallback): dilated
+    # convs are convs, and pooling and interpolation own no parameters
+    layers = described[0]["layers"]
+    assert layers and {layer["strategy"] for layer in layers} <= {"instantiate", "ghost"}
+    assert {layer["kind"] for layer in layers} <= {"Conv2d", "Conv3d", "ConvTranspose2d", "ConvTranspose3d",
+                                                   "GroupNorm", "InstanceNorm2d", "InstanceNorm3d"}
 
 
 @pytest.mark.parametrize("name,dim", CASES, ids=IDS)
