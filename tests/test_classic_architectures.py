@@ -66,6 +66,7 @@ def test_builds_fit_for_dp_and_keeps_the_input_shape(name, dim):
                    getattr(m, "running_mean", None) is not None for m in net.modules())
     assert not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in net.modules())
     assert net.deep_supervision is False and count_parameters(net) > 0
+    assert net.classifier.out_channels == NUM_CLASSES and net.classifier.kernel_size == (1,) * dim  # the head
     # the per-sample norm: GroupNorm with groups dividing channels (tiny width: 8 channels, 8 groups)
     norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(m.num_channels % m.num_groups == 0 for m in norms)

@@ -308,8 +308,8 @@ class LinkNet(ClassicSegmenter):
         self.final = nn.Sequential(
             tconv(c[0], half, 3, stride=list(strides[0]), padding=1, output_padding=[s - 1 for s in strides[0]],
                   bias=False), norm(half), nn.ReLU(inplace=False),
-            _conv_norm_relu(d, half, half, 3, norm),
-            _conv(d, half, self.num_classes, 1, bias=True))
+            _conv_norm_relu(d, half, half, 3, norm))
+        self.classifier = _conv(d, half, self.num_classes, 1, bias=True)  # named as in the other families
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -317,7 +317,7 @@ class LinkNet(ClassicSegmenter):
         y = levels[4]
         for i in range(LEVELS - 1, 0, -1):
             y = self.decoders[i - 1](y) + levels[i - 1]
-        return self.final(y)
+        return self.classifier(self.final(y))
 
 
 # ------------------------------------------------------------------------------------------- specs
