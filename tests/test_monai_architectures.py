@@ -81,8 +81,8 @@ def test_builds_fit_for_dp_without_batchnorm(name, dim):
 def test_refusals_name_the_constraint():
     with pytest.raises(DpunetError, match="3D only"):
         apply_preset(plan_arch(2), "vnet", 1.0, [32, 32])
-    with pytest.raises(DpunetError, match=r"divisible by \[16, 16\].*no room"):
-        apply_preset(plan_arch(2), "unetr", 0.0625, [24, 16], image_size=[24, 16])
+    with pytest.raises(DpunetError, match=r"divisible by \[16, 16\].*too small"):
+        apply_preset(plan_arch(2), "unetr", 0.0625, [8, 8], image_size=[8, 8])
     with pytest.raises(DpunetError, match="patch size"):
         apply_preset(plan_arch(2), "monai_unet", 1.0)
     with pytest.raises(DpunetError, match="without deep supervision"):
@@ -91,7 +91,8 @@ def test_refusals_name_the_constraint():
 
 # ------------------------------------------------------------------------------------ patch adaptation
 # (patch, divisor, median image size, expected): worked out by hand from the rule (round up within the image,
-# else down but not below the divisor; a one-voxel bottleneck grows the axis with the most room)
+# else down but not below the divisor; a one-voxel bottleneck grows the axis with the most room up to twice
+# the image)
 ADAPTATIONS = [
     ([10, 32, 32], [16] * 3, [10, 32, 32], [16, 32, 32]),  # the synthetic 3D task: 10 cannot round down
     ([40, 56, 40], [16] * 3, [36, 50, 35], [32, 48, 32]),  # hippocampus-like: up would leave the image
@@ -99,6 +100,8 @@ ADAPTATIONS = [
     ([20, 20], [8, 8], [100, 100], [24, 24]),
     ([33, 64], [32, 32], [40, 64], [32, 64]),
     ([32, 32], [32, 32], [80, 40], [64, 32]),  # one-voxel bottleneck: the axis with room grows
+    ([56, 40], [32, 32], [50, 35], [64, 32]),  # hippocampus 2d, SwinUNETR: 64 of 100 = twice 50
+    ([10, 32, 32], [32] * 3, [10, 32, 32], [32, 32, 64]),  # tie in room: the last axis grows
     ([16, 16, 16], [16] * 3, None, [16, 16, 32]),
     ([8, 16, 16], [1, 4, 4], [8, 20, 20], [8, 16, 16]),  # already fitting: unchanged
 ]

@@ -168,7 +168,8 @@ def adapt_patch_size(name: str, patch: Sequence[int], divisor: Sequence[int],
     image extent `image_size` and the plan's patch: the planner already accepted that much padding), else round
     down, never below the divisor. A patch that the network down-samples to a single voxel (per-sample norms
     have nothing to normalise there; InstanceNorm refuses it) grows by one divisor along the axis with the most
-    room in the image. Refuses (DpunetError naming the constraint) when no such patch fits the images."""
+    room, as long as the padding stays below half the patch (at most twice the image extent), as nnU-Net pads
+    patches larger than small images. Refuses (DpunetError naming the constraint) when no axis can grow."""
     patch = [int(p) for p in patch]
     divisor = [int(d) for d in divisor]
     limit = None if image_size is None else [max(p, int(math.floor(i))) for p, i in zip(patch, image_size)]
@@ -177,13 +178,15 @@ def adapt_patch_size(name: str, patch: Sequence[int], divisor: Sequence[int],
         up = -(-p // d) * d
         adapted.append(up if limit is None or up <= limit[a] else max(d, p // d * d))
     if _bottleneck_voxels(adapted, divisor) < 2:
-        room = [(limit[a] - adapted[a] if limit is not None else 0) - divisor[a] for a in range(len(adapted))]
+        grow = None if image_size is None else [max(lim, 2 * int(math.floor(i))) for lim, i in zip(limit, image_size)]
+        room = [(grow[a] - adapted[a] if grow is not None else 0) - divisor[a] for a in range(len(adapted))]
         axis = max(range(len(adapted)), key=lambda a: (room[a], a))
-        if limit is not None and room[axis] < 0:
+        if grow is not None and room[axis] < 0:
             raise DpunetError(f"--arch {name} needs a patch size divisible by {divisor} (per axis) that keeps at "
                               f"least 2 voxels after down-sampling by {divisor}; the images of this configuration "
-                              f"(median shape {[int(v) for v in image_size]}, plan patch {patch}) have no room for "
-                              f"one: choose another --arch or a configuration with larger images")
+                              f"(median shape {[int(v) for v in image_size]}, plan patch {patch}) are too small "
+                              f"for one (it would be more than half padding): choose another --arch or a "
+                              f"configuration with larger images")
         adapted[axis] += divisor[axis]
     if adapted == patch:
         return adapted, ""
