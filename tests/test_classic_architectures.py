@@ -156,6 +156,8 @@ def test_refusals_name_the_constraint():
         classic_spec("fpn", {"class_name": "x", "kwargs": {}}, [16], 1.0)
     with pytest.raises(DpunetError, match="unknown DP norm"):
         classic_spec("fpn", plan_arch(2), [32, 32], 1.0, dp_norm="batch")
+    with pytest.raises(DpunetError, match="at least 1"):
+        classic_spec("fpn", plan_arch(2), [32, 32], 1.0, num_groups=0)
     with pytest.raises(DpunetError, match="without deep supervision"):
         build_network(apply_preset(plan_arch(2), "fpn", WIDTH, [32, 32]), 1, NUM_CLASSES, True)
     net = build("fpn", 2, torch.float32)

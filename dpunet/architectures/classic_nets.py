@@ -439,6 +439,8 @@ def classic_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int]
         raise DpunetError(f"unknown classic architecture {name!r}; known: {', '.join(CLASSIC_ARCHITECTURES)}")
     if dp_norm not in DP_NORMS:
         raise DpunetError(f"unknown DP norm {dp_norm!r}; known: {', '.join(DP_NORMS)}")
+    if int(num_groups) < 1:
+        raise DpunetError(f"--arch {name}: the GroupNorm group count must be at least 1, got {num_groups}")
     entry = CLASSIC_ARCHITECTURES[name]
     kwargs = plan_arch.get("kwargs", {}) if isinstance(plan_arch, dict) else {}
     if patch_size is None:

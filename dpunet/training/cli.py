@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=parse_epsilon, required=True, help="target epsilon, or inf for non-private")
     p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
     p.add_argument("--delta", type=float, default=None, help="target delta (plan default 1e-5)")
-    p.add_argument("--arch", default="unet", help="architecture: a U-Net preset or a MONAI network (unet; list: dpunet_archs)")
+    p.add_argument("--arch", default="unet", help="architecture: a U-Net preset, a MONAI network or a classic "
+                   "family (unet; list: dpunet_archs)")
     p.add_argument("--width", type=float, default=None, help="width multiplier of the planned features")
     p.add_argument("--dp-norm", default=None, choices=["group", "instance"],
                    help="per-sample norm replacing BatchNorm in converted networks (MONAI, classic families): "
