@@ -218,8 +218,8 @@ def test_instance_norm_option_and_its_per_patient_sums():
 
 # -------------------------------------------------------------------------------------------- end to end
 def test_train_fpn_2d_end_to_end_rebuild_from_release_and_predict(tmp_path, use_roots, capsys):
-    from dpunet.inference.predictor import load_fold_model, predict_folder
     from dpunet.dataset.io import read_image, read_label
+    from dpunet.inference.predictor import load_fold_model, predict_folder
     from dpunet.training import cli as train_cli
 
     roots = use_roots(plan_synthetic_task(tmp_path, "-c", "2d", "--width", str(WIDTH), "--steps", "2",
