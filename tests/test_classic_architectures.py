@@ -136,8 +136,14 @@ def test_deeplab_aspp_rates_and_decoder_skip_and_psp_bins():
     assert kwargs["aspp_rates"] == [[6, 6], [12, 12], [15, 15]]  # (6, 12, 18) capped at the 16x16 map minus 1
     net = build_network(classic_spec("deeplabv3plus", plan_arch(2), [64, 64], WIDTH), 1, NUM_CLASSES, False)
     assert len(net.aspp) == 4 and net.low_level[0].in_channels == net.channels[1]  # + image pooling branch
-    os8 = classic_spec("deeplabv3plus", plan_arch(2), [256, 256], 1.0)
-    assert os8["kwargs"]["output_stride"] == 16
+    assert kwargs["output_stride"] == 16
+    # the denser variant: two strides become dilations 2 and 4, the rates double (12, 24, 36; capped at 31)
+    os8 = classic_spec("deeplabv3plus", plan_arch(2), [256, 256], 1.0, output_stride=8)["kwargs"]
+    assert os8["output_stride"] == 8 and os8["strides"][3:] == [[1, 1]] * 2 and os8["dilations"][3:] == [[2, 2], [4, 4]]
+    assert os8["aspp_rates"] == [[12, 12], [24, 24], [31, 31]]
+    deep = build_network(classic_spec("linknet", plan_arch(2), [64, 64], WIDTH, blocks_per_stage=(3, 4, 6, 3)),
+                         1, NUM_CLASSES, False)  # ResNet-34's depth
+    assert [len(stage) for stage in deep.encoder.stages] == [3, 4, 6, 3]
     psp = classic_spec("pspnet", plan_arch(2), [128, 128], WIDTH)["kwargs"]
     assert psp["bins"] == [[1, 1], [2, 2], [3, 3], [6, 6]]
     small = classic_spec("pspnet", plan_arch(3), [8, 16, 16], WIDTH)["kwargs"]
@@ -156,6 +162,12 @@ def test_refusals_name_the_constraint():
         classic_spec("fpn", {"class_name": "x", "kwargs": {}}, [16], 1.0)
     with pytest.raises(DpunetError, match="unknown DP norm"):
         classic_spec("fpn", plan_arch(2), [32, 32], 1.0, dp_norm="batch")
+    with pytest.raises(DpunetError, match="output stride 8 is not an option"):
+        classic_spec("fpn", plan_arch(2), [32, 32], 1.0, output_stride=8)
+    with pytest.raises(DpunetError, match="output stride 4 is not an option"):
+        classic_spec("deeplabv3plus", plan_arch(2), [32, 32], 1.0, output_stride=4)
+    with pytest.raises(DpunetError, match="4 positive counts"):
+        classic_spec("linknet", plan_arch(2), [32, 32], 1.0, blocks_per_stage=(2, 2, 2))
     with pytest.raises(DpunetError, match="at least 1"):
         classic_spec("fpn", plan_arch(2), [32, 32], 1.0, num_groups=0)
     with pytest.raises(DpunetError, match="without deep supervision"):

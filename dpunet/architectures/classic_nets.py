@@ -429,12 +429,14 @@ def _family_kwargs(name: str, width: float, multiple: int, sizes: list[list[int]
 
 
 def classic_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int] | None, width: float = 1.0,
-                 dp_norm: str = "group", num_groups: int = 8,
-                 blocks_per_stage: Sequence[int] = BLOCKS_PER_STAGE) -> dict[str, Any]:
+                 dp_norm: str = "group", num_groups: int = 8, blocks_per_stage: Sequence[int] = BLOCKS_PER_STAGE,
+                 output_stride: int | None = None) -> dict[str, Any]:
     """The architecture spec of classic name `name` for a plan ("architecture" entry and patch size).
 
-    Refuses (DpunetError) an unknown name or norm, a dimension other than 2/3, a missing patch size, and a
-    patch the encoder cannot reduce (see `_check_patch`)."""
+    `blocks_per_stage`: residual blocks in the encoder's 4 stages, (2, 2, 2, 2) as ResNet-18 or (3, 4, 6, 3) as
+    ResNet-34. `output_stride`: 8 or 16 for the dilated families (DeepLabV3+: 16 by default, 8 as the paper's
+    denser variant; PSPNet: 8). Refuses (DpunetError) an unknown name or norm, a dimension other than 2/3, a
+    missing patch size, a patch the encoder cannot reduce (see `_check_patch`) and options the family lacks."""
     if name not in CLASSIC_ARCHITECTURES:
         raise DpunetError(f"unknown classic architecture {name!r}; known: {', '.join(CLASSIC_ARCHITECTURES)}")
     if dp_norm not in DP_NORMS:
@@ -442,6 +444,14 @@ def classic_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int]
     if int(num_groups) < 1:
         raise DpunetError(f"--arch {name}: the GroupNorm group count must be at least 1, got {num_groups}")
     entry = CLASSIC_ARCHITECTURES[name]
+    if output_stride is not None and (entry.output_stride is None or output_stride not in (8, 16)):
+        dilated = ", ".join(n for n, e in CLASSIC_ARCHITECTURES.items() if e.output_stride)
+        raise DpunetError(f"--arch {name}: output stride {output_stride} is not an option (only 8 or 16, for the "
+                          f"dilated families {dilated})")
+    output_stride = output_stride or entry.output_stride
+    if len(blocks_per_stage) != LEVELS - 1 or any(int(b) < 1 for b in blocks_per_stage):
+        raise DpunetError(f"--arch {name}: blocks_per_stage must be {LEVELS - 1} positive counts, got "
+                          f"{list(blocks_per_stage)}")
     kwargs = plan_arch.get("kwargs", {}) if isinstance(plan_arch, dict) else {}
     if patch_size is None:
         raise DpunetError(f"--arch {name} is built for a patch size; pass the plan configuration's patch_size")
@@ -453,13 +463,13 @@ def classic_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int]
     divisor = [math.prod(s[a] for s in full) for a in range(dim)]
     sizes = _sizes(patch, full)
     _check_patch(name, patch, divisor, sizes[-1])
-    strides, dilations = _dilate(full, entry.output_stride)
+    strides, dilations = _dilate(full, output_stride)
     multiple = int(num_groups) if dp_norm == "group" else 1
     spec_kwargs = {"name": name, "dim": dim, "strides": strides, "dilations": dilations,
                    "encoder_channels": _scale(ENCODER_CHANNELS, width, multiple),
                    "blocks_per_stage": [int(b) for b in blocks_per_stage], "dp_norm": dp_norm,
                    "num_groups": int(num_groups), "required_divisor": divisor}
-    spec_kwargs.update(_family_kwargs(name, width, multiple, _sizes(patch, strides), entry.output_stride))
+    spec_kwargs.update(_family_kwargs(name, width, multiple, _sizes(patch, strides), output_stride))
     return {"class_name": entry.class_name, "kwargs": spec_kwargs, "preset": name, "width_multiplier": float(width)}
 
 
