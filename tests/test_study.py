@@ -360,3 +360,33 @@ def test_committed_study_specs_parse_and_cover_the_issue_grid(monkeypatch, tmp_p
     full = load_spec(REPO / "studies" / "full_gpu.yaml")
     assert {c.fold for c in full.cells} == {"0", "1", "2", "3", "4"} and {c.seed for c in full.cells} == {0, 1, 2}
     assert {c.epsilon for c in full.cells} == {1, 2, 4, 8, math.inf} and len(full.cells) == 5700
+
+
+def test_an_interrupted_cell_continues_from_its_checkpoint(tiny_task, tmp_path, use_roots):
+    from dpunet.study.cells import execute_cell
+    from dpunet.study.runner import pending_cells
+    from dpunet.study.status import cell_states
+    from dpunet.training.config import merge_plan_and_options
+    from dpunet.training.trainer import DPTrainer, load_training_inputs
+
+    use_roots(tiny_task)
+    spec_path = _write_spec(tmp_path / "resume.yaml", "{kind: debug}")
+    spec_path.write_text(spec_path.read_text() + "seeds: [7]\n")
+    spec = load_spec(spec_path, tmp_path / "study")
+    cell = spec.cells[0]
+    # a session that ended after one of the three steps (checkpoint written, as at a kill after a checkpoint),
+    # with its running marker left behind by a process that no longer exists
+    task_name, _, plan_config, _, _ = load_training_inputs(cell.task, cell.configuration)
+    cfg = merge_plan_and_options(plan_config, {**cell.train_options(), "task": task_name, "device": "cpu"})
+    assert DPTrainer(cfg).run(stop_after_steps=1) is None
+    marker = spec.folder / "cells" / cell.key / "running.json"
+    marker.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    marker.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": dead.pid, "started": 0}))
+    assert cell_states(spec)[cell.key] == "interrupted" and cell in pending_cells(spec)
+    done = execute_cell(cell, spec.folder)
+    report = json.loads(Path(done["privacy_report"]).read_text())
+    assert report["steps_taken"] == 3
+    log = (Path(done["fold_dir"]) / "private" / "training_log.csv").read_text().strip().splitlines()
+    assert [row.split(",")[0] for row in log[1:]] == ["1", "2", "3"]  # step 1 kept, 2 and 3 added by the resume
