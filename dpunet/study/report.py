@@ -288,7 +288,7 @@ def format_report(spec: StudySpec, rows: list[dict[str, Any]], table: list[dict[
         wall = r.get("wall_seconds")
         lines.append(f"| {r['key']} | {r['width']} | {r.get('T')} | {_f(r.get('q'))} | {r.get('K')} | "
                      f"{_f(r.get('sigma'))} | {_f(r.get('C'), 2)} | {_f(r.get('epsilon_prv'))} / "
-                     f"{_f(r.get('epsilon_rdp'))} | {r.get('delta'):g} | {_f(r.get('score'))} | "
+                     f"{_f(r.get('epsilon_rdp'))} | {'-' if r.get('delta') is None else format(r['delta'], 'g')} | {_f(r.get('score'))} | "
                      f"{_f(wall / 60 if wall else None, 1)} min | {_f(r.get('dp_step_seconds'), 2)} s |")
     failed = [r["key"] for r in rows if r["status"] == "failed"]
     if failed:
