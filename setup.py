@@ -37,6 +37,7 @@ setup(
             "dpunet_generate_synthetic=dataset_conversion.generate_synthetic:main",
             "dpunet_convert_camvid=dataset_conversion.convert_camvid:main",
             "dpunet_convert_isbi2012=dataset_conversion.convert_isbi2012:main",
+            "dpunet_convert_dataset=dataset_conversion.convert_dataset:main",
             "dpunet_pretrain=dpunet.pretraining.cli:main",
             "dpunet_train=dpunet.training.cli:main",
             "dpunet_predict=dpunet.inference.cli:main",

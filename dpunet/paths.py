@@ -30,24 +30,26 @@ def results_root() -> Path:
     return _root("DPUNET_RESULTS", "results")
 
 
-_TASK_RE = re.compile(r"^Task(\d+)_(.+)$")
+# MSD / nnU-Net v1 task folders (Task04_Hippocampus) and nnU-Net v2 dataset folders (Dataset004_Hippocampus)
+_TASK_RE = re.compile(r"^(?:Task|Dataset)(\d+)_(.+)$")
 
 
 def task_name_from_folder(name: str) -> tuple[int, str]:
     m = _TASK_RE.match(name)
     if not m:
-        raise DpunetError(f"'{name}' is not a task folder name of the form TaskXX_Name")
+        raise DpunetError(f"'{name}' is not a task folder name of the form TaskXX_Name or DatasetXXX_Name")
     return int(m.group(1)), m.group(2)
 
 
 def resolve_task(task: str | int, *roots: Path) -> str:
-    """Full task folder name ('Task04_Hippocampus') from an id ('4', 4) or a name, searched in `roots`."""
+    """Full task folder name ('Task04_Hippocampus', 'Dataset004_Hippocampus') from an id ('4', 4) or a name,
+    searched in `roots`; an id that matches both a TaskXX_ and a DatasetXXX_ folder is ambiguous."""
     roots = roots or (raw_root(), preprocessed_root())
     text = str(task)
     if _TASK_RE.match(text):
         return text
     if not text.isdigit():
-        raise DpunetError(f"task '{task}' is neither a number nor a TaskXX_Name folder name")
+        raise DpunetError(f"task '{task}' is neither a number nor a TaskXX_Name / DatasetXXX_Name folder name")
     wanted = int(text)
     found = set()
     for root in roots:
@@ -58,7 +60,7 @@ def resolve_task(task: str | int, *roots: Path) -> str:
                     found.add(d.name)
     if not found:
         where = ", ".join(str(r) for r in roots)
-        raise DpunetError(f"no folder Task{wanted:02d}_* for task {task} in {where}")
+        raise DpunetError(f"no folder Task{wanted:02d}_* or Dataset{wanted:03d}_* for task {task} in {where}")
     if len(found) > 1:
         raise DpunetError(f"task id {wanted} is ambiguous: {sorted(found)}; name the task in full")
     return found.pop()

@@ -13,9 +13,11 @@ from dpunet.utils.errors import cli_entry
 @cli_entry
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
-        description="Check a raw MSD task (dataset.json, files, channels, labels, geometry) and list every problem."
+        description="Check a raw task, MSD or nnU-Net v2 layout (dataset.json, files, channels, labels, geometry), "
+        "and list every problem."
     )
-    p.add_argument("-t", "--task", required=True, help="task id (4) or name (Task04_Hippocampus) in $DPUNET_RAW")
+    p.add_argument("-t", "-d", "--task", "--dataset", dest="task", required=True,
+                   help="task id (4), name (Task04_Hippocampus, Dataset004_Hippocampus) in $DPUNET_RAW, or a folder")
     p.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes reading the cases")
     p.add_argument("--geometry-tolerance", type=float, default=DEFAULT_GEOMETRY_TOLERANCE,
                    help="relative tolerance for spacing, origin and direction of image vs label")

@@ -87,8 +87,11 @@ def _geometry(img: sitk.Image, array_shape: tuple[int, ...]) -> Geometry:
     )
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Image as float32 (c, z, y, x) plus its geometry. 4D files are split into channels."""
+def read_image(path: str | Path | tuple[Path, ...]) -> tuple[np.ndarray, Geometry]:
+    """Image as float32 (c, z, y, x) plus its geometry. 4D files are split into channels; a tuple of files
+    (nnU-Net's `_0000`, `_0001`, ... channel files) is stacked in its order."""
+    if isinstance(path, (tuple, list)):
+        return _read_channel_files(tuple(Path(p) for p in path))
     path = Path(path)
     img = _read_sitk(path)
     arr = sitk.GetArrayFromImage(img)
@@ -102,14 +105,45 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         arr = arr[None]
     elif img.GetDimension() == 2:
         arr = arr[None, None]
-    geometry = _geometry(img, arr.shape)
+    geometry = _natural_image_geometry(path, _geometry(img, arr.shape))
     return arr.astype(np.float32, copy=False), geometry
+
+
+def _natural_image_geometry(path: Path, geometry: Geometry) -> Geometry:
+    """2D natural images have no physical grid: spacing 1, as nnU-Net v2 (TIFF's resolution tags are ignored)."""
+    if not path.name.lower().endswith(NATURAL_IMAGE_SUFFIXES):
+        return geometry
+    return Geometry(geometry.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel().tolist()))
+
+
+def _grey_label(img: sitk.Image, path: Path) -> sitk.Image:
+    arr = sitk.GetArrayFromImage(img)
+    if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, min(arr.shape[-1], 3))):
+        raise DpunetError(f"{path}: a label map must have one channel (this image is in colour)")
+    grey = sitk.GetImageFromArray(arr[..., 0])
+    grey.CopyInformation(img)
+    return grey
+
+
+def _read_channel_files(paths: tuple[Path, ...]) -> tuple[np.ndarray, Geometry]:
+    arrays, geometry = [], None
+    for p in paths:
+        arr, g = read_image(p)
+        if len(paths) > 1 and arr.shape[0] != 1:
+            raise DpunetError(f"{p}: a channel file (_XXXX naming) must hold one channel, it holds {arr.shape[0]}")
+        if geometry is not None and geometry.matches(g):
+            raise DpunetError(f"{p}: geometry differs from {paths[0].name}: " + "; ".join(geometry.matches(g)))
+        geometry = geometry or g
+        arrays.append(arr)
+    return np.concatenate(arrays, axis=0), geometry
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Segmentation as int16 (z, y, x) plus geometry; float-stored labels must hold whole numbers."""
     path = Path(path)
     img = _read_sitk(path)
+    if img.GetNumberOfComponentsPerPixel() > 1 and path.name.lower().endswith(NATURAL_IMAGE_SUFFIXES):
+        img = _grey_label(img, path)  # some writers (BMP) store a grey label map as identical RGB channels
     if img.GetNumberOfComponentsPerPixel() > 1 or img.GetDimension() == 4:
         raise DpunetError(f"{path}: a label map must have one channel")
     arr = sitk.GetArrayFromImage(img)
@@ -122,7 +156,7 @@ def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
         if np.any(np.abs(arr - rounded) > 1e-3):
             raise DpunetError(f"{path}: label map holds non-integer values")
         arr = rounded
-    return arr.astype(np.int16), _geometry(img, arr.shape)
+    return arr.astype(np.int16), _natural_image_geometry(path, _geometry(img, arr.shape))
 
 
 def _to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
@@ -133,14 +167,27 @@ def _to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return img
 
 
+# 2D natural-image formats (nnU-Net v2's NaturalImage2DIO): spacing 1, written as plain 2D images
+NATURAL_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+SEGMENTATION_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd") + NATURAL_IMAGE_SUFFIXES
+
+
 def write_segmentation(seg: np.ndarray, geometry: Geometry, path: str | Path) -> None:
-    """Write a (z, y, x) label map with the given geometry, atomically, as uint8 (or int16 for >255 labels)."""
-    seg = np.asarray(seg)
+    """Write a (z, y, x) label map with the given geometry, atomically, as uint8 (or int16 for >255 labels).
+    The format follows the file name: NIfTI (default), .mha, .nrrd, or a 2D .png/.tif/.bmp (z must be 1)."""
+    seg, path = np.asarray(seg), Path(path)
     if tuple(seg.shape) != tuple(geometry.shape):
         raise DpunetError(f"{path}: segmentation shape {seg.shape} does not match geometry {geometry.shape}")
     dtype = np.uint8 if seg.max(initial=0) < 256 and seg.min(initial=0) >= 0 else np.int16
+    if path.name.lower().endswith(NATURAL_IMAGE_SUFFIXES):
+        if seg.shape[0] != 1 or dtype != np.uint8:
+            raise DpunetError(f"{path}: a 2D image file holds one slice of labels 0..255, got shape {seg.shape}")
+        img = sitk.GetImageFromArray(seg[0].astype(np.uint8))
+        atomic_write_with(path, lambda tmp: sitk.WriteImage(img, str(tmp)))
+        return
     img = _to_sitk(seg.astype(dtype), geometry)
-    atomic_write_with(path, lambda tmp: sitk.WriteImage(img, str(tmp), True, imageIO="NiftiImageIO"))
+    io = "NiftiImageIO" if path.name.endswith((".nii.gz", ".nii")) or "." not in path.name else ""
+    atomic_write_with(path, lambda tmp: sitk.WriteImage(img, str(tmp), True, imageIO=io))
 
 
 def write_image(image: np.ndarray, geometry: Geometry, path: str | Path) -> None:

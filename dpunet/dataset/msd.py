@@ -1,4 +1,6 @@
-"""The MSD task description (dataset.json): channels, labels, training cases and patients.
+"""The task description (dataset.json): channels, labels, training cases and patients.
+
+nnU-Net v2 datasets (DatasetXXX_Name, `channel_names`) are read by dpunet.dataset.nnunet_v2 into the same TaskInfo.
 
 dpunet reads the MSD schema and a few optional extensions, all documented in documentation/dataset_format.md:
 - `"ignore_label": k` marks a label value excluded from losses and metrics (e.g. CamVid's void);
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from dpunet.dataset.nnunet_v2 import is_v2_description, load_v2_description
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import read_json_file
 
@@ -18,9 +21,13 @@ from dpunet.utils.files import read_json_file
 @dataclass(frozen=True)
 class Case:
     case_id: str
-    image: Path
+    image: Path | tuple[Path, ...]  # one file (MSD: channels in a 4D file), or nnU-Net v2's channel files
     label: Optional[Path]
     patient_id: str
+
+    @property
+    def image_files(self) -> tuple[Path, ...]:
+        return self.image if isinstance(self.image, tuple) else (self.image,)
 
 
 @dataclass
@@ -32,8 +39,9 @@ class TaskInfo:
     ignore_label: Optional[int]
     background_label: Optional[int]
     training: list[Case] = field(default_factory=list)
-    test: list[Path] = field(default_factory=list)
+    test: list[Path | tuple[Path, ...]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    layout: str = "msd"  # or "nnunet_v2"
 
     @property
     def num_channels(self) -> int:
@@ -74,10 +82,13 @@ def _resolve(folder: Path, rel: str) -> Path:
 
 
 def load_task(folder: str | Path) -> TaskInfo:
-    """Parse `folder/dataset.json`; paths are resolved, label keys become ints."""
+    """Parse `folder/dataset.json` (MSD layout, or nnU-Net v2: dpunet.dataset.nnunet_v2); paths are resolved,
+    label keys become ints."""
     folder = Path(folder)
     path = folder / "dataset.json"
     d = read_json_file(path, "dataset.json")
+    if is_v2_description(d):
+        return _load_v2_task(folder, d)
     for key in ("modality", "labels", "training"):
         if key not in d:
             raise DpunetError(f"{path}: required key '{key}' is missing")
@@ -120,3 +131,11 @@ def load_task(folder: str | Path) -> TaskInfo:
         test=test,
         raw=d,
     )
+
+
+def _load_v2_task(folder: Path, d: dict[str, Any]) -> TaskInfo:
+    v2 = load_v2_description(folder, d)
+    training = [Case(c["case_id"], c["image"], c["label"], str(c["patient_id"])) for c in v2["training"]]
+    return TaskInfo(name=folder.name, folder=folder, channel_names=v2["channels"], labels=v2["labels"],
+                    ignore_label=v2["ignore"], background_label=v2["background"], training=training,
+                    test=v2["test"], raw=d, layout="nnunet_v2")

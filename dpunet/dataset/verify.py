@@ -1,4 +1,4 @@
-"""Integrity check of a raw MSD task before anything is computed from it.
+"""Integrity check of a raw task (MSD or nnU-Net v2 layout) before anything is computed from it.
 
 `find_problems` returns every problem it finds, one line each, naming the file; `verify_task` raises a
 DpunetError listing them. Checked:
@@ -28,6 +28,7 @@ import numpy as np
 
 from dpunet.dataset.io import Geometry, read_image, read_label
 from dpunet.dataset.msd import TaskInfo, load_task
+from dpunet.dataset.nnunet_v2 import is_v2_description
 from dpunet.utils.errors import DpunetError, warn
 
 REQUIRED_KEYS = ("modality", "labels", "training")
@@ -60,14 +61,18 @@ def stored_data_problems(path: Path) -> tuple[bool, list[str]]:
     return True, _non_finite_problem(path, data)
 
 
-def _read_image_problems(path: Path, num_channels: int) -> tuple[Optional[Geometry], list[str]]:
+def _read_image_problems(path: Path | tuple[Path, ...], num_channels: int) -> tuple[Optional[Geometry], list[str]]:
+    """`path`: one image file, or nnU-Net v2 channel files (checked one by one, stacked as channels)."""
     try:
         image, geometry = read_image(path)
     except DpunetError as e:
         return None, [str(e)]
-    checked, problems = stored_data_problems(path)
-    if not checked:
-        problems = _non_finite_problem(path, image)
+    files = path if isinstance(path, tuple) else (path,)
+    problems = []
+    for file in files:
+        checked, found = stored_data_problems(file)
+        problems += found if checked else _non_finite_problem(file, read_image(file)[0] if len(files) > 1 else image)
+    path = files[0]  # messages name the (first) file
     if image.shape[0] != num_channels:
         problems.append(
             f"{path}: image has {image.shape[0]} channel(s) but dataset.json 'modality' declares {num_channels}"
@@ -87,6 +92,7 @@ def _training_case_check(
 ) -> tuple[list[str], set[int]]:
     """(problems, label values present in the label file) of one training case."""
     geometry, problems = _read_image_problems(image, num_channels)
+    image = image[0] if isinstance(image, tuple) else image  # messages name the first channel file
     if label is None:
         return problems + [f"{image}: training case has no label file in dataset.json"], set()
     try:
@@ -136,6 +142,8 @@ def _dataset_json_problems(folder: Path) -> tuple[Optional[TaskInfo], list[str]]
         return None, [f"{path}: not valid JSON ({e})"]
     if not isinstance(raw, dict):
         return None, [f"{path}: must hold a JSON object"]
+    if is_v2_description(raw):
+        return _label_rule_problems(folder, raw)
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         return None, [f"{path}: required key(s) {missing} missing"]
@@ -149,20 +157,29 @@ def _dataset_json_problems(folder: Path) -> tuple[Optional[TaskInfo], list[str]]
         isinstance(t, str) or (isinstance(t, dict) and "image" in t) for t in test
     ):
         return None, [f"{path}: 'test' must be a list of image paths"]
+    task, problems = _label_rule_problems(folder, raw)
+    if task is None:
+        return task, problems
+    if "numTraining" in raw and raw["numTraining"] != len(task.training):
+        problems.append(f"{path}: numTraining is {raw['numTraining']} but 'training' lists {len(task.training)}")
+    if "numTest" in raw and raw["numTest"] != len(task.test):
+        problems.append(f"{path}: numTest is {raw['numTest']} but 'test' lists {len(task.test)}")
+    return task, problems
+
+
+def _label_rule_problems(folder: Path, raw: dict) -> tuple[Optional[TaskInfo], list[str]]:
+    """Load the task (either layout) and check dpunet's rules on cases and label values."""
+    path = folder / "dataset.json"
     try:
         task = load_task(folder)
     except DpunetError as e:
         return None, [str(e)]
     except (ValueError, TypeError) as e:  # e.g. a non-numeric ignore_label
         return None, [f"{path}: invalid value ({e})"]
-
     problems = []
     if not task.training:
-        problems.append(f"{path}: no training cases (the 'training' list is empty)")
-    if "numTraining" in raw and raw["numTraining"] != len(task.training):
-        problems.append(f"{path}: numTraining is {raw['numTraining']} but 'training' lists {len(task.training)}")
-    if "numTest" in raw and raw["numTest"] != len(task.test):
-        problems.append(f"{path}: numTest is {raw['numTest']} but 'test' lists {len(task.test)}")
+        problems.append(f"{path}: no training cases (the 'training' list is empty)" if task.layout == "msd"
+                        else f"{path}: no training cases (imagesTr holds no <case>_0000{raw['file_ending']})")
     values = task.label_values
     if values != list(range(len(values))):
         problems.append(

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from dpunet.dataset.io import read_label
+from dpunet.dataset.io import SEGMENTATION_SUFFIXES, read_label
 from dpunet.dataset.msd import case_id_from_path
 from dpunet.dataset.verify import stored_data_problems
 from dpunet.evaluation.metrics import (
@@ -35,7 +35,7 @@ from dpunet.evaluation.metrics import (
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import write_json
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NIFTI_SUFFIXES = SEGMENTATION_SUFFIXES  # NIfTI, .mha, .nrrd, 2D .png/.tif/.bmp
 
 
 def list_segmentations(folder: Path) -> dict[str, Path]:
@@ -240,7 +240,7 @@ def evaluate_folder(
         if no_ref:
             raise DpunetError(f"{ref_folder}: no reference for {len(no_ref)} case(s): {', '.join(no_ref[:10])}")
     if not wanted:
-        raise DpunetError(f"{ref_folder}: no reference segmentations (.nii.gz / .nii) to evaluate")
+        raise DpunetError(f"{ref_folder}: no reference segmentations (.nii.gz, .nii, .mha, .nrrd, .png, .tif, .bmp) to evaluate")
     missing = [c for c in wanted if c not in predictions]
     if missing:
         raise DpunetError(

@@ -1,6 +1,7 @@
 """Input cases of a prediction folder, their preprocessing, and the export of predictions.
 
-Naming (both accepted, one per folder):
+Formats: NIfTI (.nii.gz, .nii), .mha, .nrrd, and 2D .png/.tif/.bmp (an RGB file is three channels); the
+segmentation of a case is written in its input's format. Naming (both accepted, one per folder):
 - MSD: one file per case, `<case>.nii.gz`; several channels are one 4D file (split by `read_image`);
 - nnU-Net: one file per channel, `<case>_0000.nii.gz`, `<case>_0001.nii.gz`, ... (stacked in that order).
 A folder is read as nnU-Net style when every image name ends in `_XXXX` and each case's channel numbers run
@@ -26,13 +27,13 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from dpunet.dataset.io import Geometry, read_image, write_segmentation
+from dpunet.dataset.io import SEGMENTATION_SUFFIXES, Geometry, read_image, write_segmentation
 from dpunet.dataset.verify import check_test_image
 from dpunet.preprocessing.preprocessor import preprocess_array, restore_probabilities
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import save_npz, write_json, write_text
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_SUFFIXES = SEGMENTATION_SUFFIXES  # NIfTI, .mha, .nrrd and 2D .png/.tif/.bmp (an RGB file is 3 channels)
 INCOMPLETE_MARKER = "PREDICTION_INCOMPLETE.txt"
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -154,6 +155,8 @@ def preprocess_input_case(case: InputCase, plan_configuration: dict[str, Any], n
     data, _, properties = preprocess_array(data, geometry, plan_configuration)
     properties["case_id"] = case.case_id
     properties["input_files"] = [str(f) for f in case.files]
+    # the segmentation is written in the input's format (<case>.png for PNG inputs, as nnU-Net v2 does)
+    properties["output_suffix"] = next(x for x in IMAGE_SUFFIXES if case.files[0].name.endswith(x))
     return data.astype(np.float32, copy=False), properties
 
 
@@ -181,7 +184,7 @@ def export_prediction(probabilities: np.ndarray, properties: dict[str, Any], pla
             **(metadata or {}),
         }, info)
         written += [npz, info]
-    seg_path = output_folder / f"{case_id}.nii.gz"
+    seg_path = output_folder / f"{case_id}{properties.get('output_suffix', '.nii.gz')}"
     write_segmentation(segmentation, geometry, seg_path)
     written.append(seg_path)
     return written

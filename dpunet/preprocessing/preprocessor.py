@@ -118,7 +118,7 @@ def restore_segmentation(seg: np.ndarray, properties: dict[str, Any], config: di
 def raw_files_stamp(case: Case) -> list[dict[str, Any]]:
     """What identifies the raw files of a case for resuming: path, size, mtime and content hash of each."""
     stamp = []
-    for path in (case.image, case.label):
+    for path in (*case.image_files, case.label):
         if path is None:
             continue
         info = Path(path).stat()
