@@ -390,3 +390,19 @@ def test_an_interrupted_cell_continues_from_its_checkpoint(tiny_task, tmp_path, 
     assert report["steps_taken"] == 3
     log = (Path(done["fold_dir"]) / "private" / "training_log.csv").read_text().strip().splitlines()
     assert [row.split(",")[0] for row in log[1:]] == ["1", "2", "3"]  # step 1 kept, 2 and 3 added by the resume
+
+
+def test_pooled_miou_sums_counts_over_cases_and_its_bootstrap_brackets_it():
+    from dpunet.study.report import _pooled_miou, bootstrap_pooled_miou_ci, case_counts, pooled_iou
+
+    summary = {"metric_per_case": [
+        {"case_id": "a", "metrics": {"1": {"TP": 10, "FP": 0, "FN": 10}, "2": {"TP": 0, "FP": 5, "FN": 0}}},
+        {"case_id": "b", "metrics": {"1": {"TP": 30, "FP": 10, "FN": 0}, "2": {"TP": 5, "FP": 0, "FN": 5}}},
+        {"case_id": "c", "metrics": {"1": {"TP": 0, "FP": 0, "FN": 0}, "2": {"TP": 5, "FP": 5, "FN": 0}}}]}
+    # by hand: label 1 TP 40 / (40 + 10 + 10) = 2/3; label 2 TP 10 / (10 + 10 + 5) = 0.4
+    assert pooled_iou(summary) == pytest.approx({"1": 2 / 3, "2": 0.4})
+    counts = np.stack(list(case_counts(summary).values()))
+    assert float(_pooled_miou(counts)) == pytest.approx((2 / 3 + 0.4) / 2)
+    lo, hi = bootstrap_pooled_miou_ci(counts)
+    assert lo <= (2 / 3 + 0.4) / 2 <= hi
+    assert bootstrap_pooled_miou_ci(np.stack([counts[1]] * 5)) == pytest.approx((0.625, 0.625))  # (0.75 + 0.5) / 2

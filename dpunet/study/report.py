@@ -155,6 +155,35 @@ def bootstrap_ci(values: Sequence[float], samples: int = BOOTSTRAP_SAMPLES, seed
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def case_counts(summary: dict[str, Any]) -> dict[str, np.ndarray]:
+    """{case id: (labels, 3) array of TP, FP, FN}, labels in the summary's order: what pooled IoU sums."""
+    out = {}
+    for entry in summary["metric_per_case"]:
+        case_id = entry.get("case_id") or Path(entry["reference_file"]).name.split(".")[0]
+        out[case_id] = np.asarray([[m.get(k, 0) for k in ("TP", "FP", "FN")] for m in entry["metrics"].values()],
+                                  dtype=np.float64)
+    return out
+
+
+def _pooled_miou(counts: np.ndarray) -> np.ndarray:
+    """mIoU of (..., cases, labels, 3) counts summed over cases (labels with no voxels anywhere left out)."""
+    tp, fp, fn = np.moveaxis(counts.sum(axis=-3), -1, 0)
+    union = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+    return np.nanmean(iou, axis=-1)
+
+
+def bootstrap_pooled_miou_ci(counts: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+                             ) -> tuple[float, float]:
+    """Percentile 95% interval of the pooled mIoU when the cases ((cases, labels, 3) TP/FP/FN) are resampled."""
+    if counts.shape[0] < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    values = _pooled_miou(counts[rng.integers(0, counts.shape[0], size=(samples, counts.shape[0]))])
+    return float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5))
+
+
 def holm(p_values: dict[str, float]) -> dict[str, float]:
     """Holm-Bonferroni adjusted p-values (monotone, capped at 1); NaN entries stay NaN and do not count."""
     defined = sorted((p, k) for k, p in p_values.items() if not math.isnan(p))
@@ -177,23 +206,30 @@ def wilcoxon_p(a: dict[str, float], b: dict[str, float]) -> tuple[float, int]:
     return float(wilcoxon(diffs).pvalue), len(common)
 
 
-def _group_case_scores(spec: StudySpec, rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """{cell key: per-case primary scores on the validation cases} for done cells."""
-    out = {}
+def _group_case_scores(spec: StudySpec, rows: list[dict[str, Any]]
+                       ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+    """({cell key: per-case primary scores}, {cell key: per-case TP/FP/FN} for mIoU tasks) on the validation
+    cases of the done cells."""
+    scores, counts = {}, {}
     for row in rows:
         if row["status"] != "done":
             continue
         done = load_json(cell_folder(spec.folder, spec.cell(row["key"])) / DONE)
         if done.get("validation_summary") and Path(done["validation_summary"]).is_file():
-            out[row["key"]] = case_scores(load_json(done["validation_summary"]), primary_metric(done["task_name"]))
-    return out
+            summary = load_json(done["validation_summary"])
+            metric = primary_metric(done["task_name"])
+            scores[row["key"]] = case_scores(summary, metric)
+            if metric == "IoU":
+                counts[row["key"]] = case_counts(summary)
+    return scores, counts
 
 
 def _eps_sort_key(text: str) -> float:
     return math.inf if text == "inf" else float(text)
 
 
-def arch_table(rows: list[dict[str, Any]], scores: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def arch_table(rows: list[dict[str, Any]], scores: dict[str, dict[str, float]],
+               counts: Optional[dict[str, dict[str, np.ndarray]]] = None) -> list[dict[str, Any]]:
     """Per (task, configuration, epsilon, arch) over the done cells: mean +- sd of the cells' scores (folds and
     seeds), bootstrap CI over the pooled cases (each case's score averaged over the arch's cells), DP gap and the
     Holm-corrected Wilcoxon p against the baseline."""
@@ -208,11 +244,18 @@ def arch_table(rows: list[dict[str, Any]], scores: dict[str, dict[str, float]]) 
         cases = sorted({c for s in cells for c in s})
         case_means[(task, config, eps, arch)] = {c: _nanmean([s.get(c, math.nan) for s in cells]) for c in cases}
         values = [float(m["score"]) for m in members]
-        lo, hi = bootstrap_ci(list(case_means[(task, config, eps, arch)].values()))
+        if counts and all(m["key"] in counts for m in members):
+            # mIoU is pooled over cases (CamVid): resample cases, sum their counts over the arch's cells
+            pooled = np.stack([sum(counts[m["key"]][c] for m in members if c in counts[m["key"]]) for c in cases])
+            lo, hi = bootstrap_pooled_miou_ci(pooled)
+        else:
+            lo, hi = bootstrap_ci(list(case_means[(task, config, eps, arch)].values()))
         table.append({"task": task, "configuration": config, "epsilon": eps, "arch": arch, "n_cells": len(members),
                       "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
                       "ci_low": lo, "ci_high": hi, "n_cases": len(cases), "score_metric": members[0]["score_metric"],
                       "parameters": members[0].get("trained_parameters"),
+                      "test_mean": _nanmean([float(m["test_score"]) for m in members
+                                             if m.get("test_score") is not None]),
                       "width": members[0].get("width")})
     by_key = {(r["task"], r["configuration"], r["epsilon"], r["arch"]): r for r in table}
     for r in table:
@@ -262,7 +305,8 @@ def format_report(spec: StudySpec, rows: list[dict[str, Any]], table: list[dict[
               "CamVid). mean ± sd over the cells (folds and seeds) of an architecture; 95% CI: bootstrap over the "
               f"pooled cases ({BOOTSTRAP_SAMPLES} resamples); DP gap: score at epsilon / the same architecture's "
               f"non-private score; p: two-sided Wilcoxon signed-rank over the same cases against `{BASELINE}`, "
-              "Holm-corrected within each task and epsilon.", ""]
+              "Holm-corrected within each task and epsilon; test set: the same score on the task's labelled test "
+              "set (imagesTs/labelsTs) where it has one.", ""]
     if spec.budget_note:
         lines += [f"Budget: {spec.budget_note.strip()}", ""]
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -272,11 +316,12 @@ def format_report(spec: StudySpec, rows: list[dict[str, Any]], table: list[dict[
         metric = members[0]["score_metric"]
         lines += [f"## {task} {config}, epsilon {eps}", "",
                   f"| rank | architecture | {metric} mean ± sd | cells | 95% CI (cases) | DP gap | p vs {BASELINE} "
-                  "(Holm) | trained parameters |", "|---|---|---|---|---|---|---|---|"]
+                  "(Holm) | trained parameters | test set |", "|---|---|---|---|---|---|---|---|---|"]
         for i, r in enumerate(members, 1):
             lines.append(f"| {i} | {r['arch']} | {_f(r['mean'])} ± {_f(r['sd'])} | {r['n_cells']} | "
                          f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}] ({r['n_cases']}) | {_f(r['dp_gap'], 2)} | "
-                         f"{_p(r['p_holm'])} | {r['parameters'] if r['parameters'] is not None else '-'} |")
+                         f"{_p(r['p_holm'])} | {r['parameters'] if r['parameters'] is not None else '-'} | "
+                         f"{_f(r['test_mean'])} |")
         lines.append("")
     lines += ["## Budget of every cell", "",
               "| cell | width | T | q | K | sigma | C | epsilon PRV / RDP | delta | score | wall | DP step |",
@@ -401,7 +446,7 @@ def write_report(spec: StudySpec, folder: Optional[Path] = None) -> dict[str, An
     if not any(r["status"] == "done" for r in rows):
         raise DpunetError(f"{spec.folder}: no cell of study {spec.name} is done yet (dpunet_study run {spec.path})")
     write_results_csv(rows, folder / "results.csv")
-    table = arch_table(rows, _group_case_scores(spec, rows))
+    table = arch_table(rows, *_group_case_scores(spec, rows))
     write_text(format_report(spec, rows, table), folder / "report.md")
     plots = make_plots(table, rows, folder)
     return {"rows": rows, "table": table, "files": [folder / "results.csv", folder / "report.md", *plots]}
