@@ -95,10 +95,6 @@ class Cell:
         options.update(self.override_dict)
         return options
 
-    def command(self) -> str:
-        """One shell line that runs this cell alone (the study's own runner, so markers and report stay in step)."""
-        return f"dpunet_study run-cell SPEC {self.key}"
-
 
 @dataclass
 class StudySpec:
