@@ -23,6 +23,7 @@ import numpy as np
 
 from dataset_conversion.common import (PngCase, convert_all, png_size, read_png, sorted_pngs, test_entries,
                                        training_entries)
+from dataset_conversion.convert_dataset import add_layout_argument, finish_layout
 from dpunet import paths
 from dpunet.utils.errors import DpunetError, cli_entry
 from dpunet.utils.files import write_json
@@ -176,9 +177,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--downsample", type=int, default=1, choices=DOWNSAMPLE_FACTORS,
                    help="resolution factor: 2 or 4 average each 2x2 or 4x4 block (labels: the block's most frequent "
                         "value), for CPU studies; recorded in dataset.json (default 1: full resolution)")
+    add_layout_argument(p)
     args = p.parse_args(argv)
     folder = convert_camvid(args.input, args.output_root or paths.raw_root(), args.task_id, args.limit,
                             args.downsample)
+    folder = finish_layout(folder, args.layout)
     print(f"wrote {folder}")
     return 0
 

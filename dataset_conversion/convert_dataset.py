@@ -143,6 +143,22 @@ def convert_dataset(source: str | Path, out_root: str | Path, to: str | None = N
     return (to_v2 if to == "v2" else to_msd)(task, out_root, dataset_id, name)
 
 
+def add_layout_argument(parser: argparse.ArgumentParser) -> None:
+    """--layout for the converters that write MSD first (CamVid, ISBI 2012)."""
+    parser.add_argument("--layout", choices=["msd", "v2"], default="msd",
+                        help="write the MSD layout (TaskXXX_Name, default) or nnU-Net v2's (DatasetXXX_Name)")
+
+
+def finish_layout(msd_folder: Path, layout: str) -> Path:
+    """The converter's MSD folder, or (layout v2) its nnU-Net v2 conversion beside it, the MSD copy removed so
+    that the id names one dataset."""
+    if layout == "msd":
+        return msd_folder
+    folder = convert_dataset(msd_folder, msd_folder.parent, "v2")
+    shutil.rmtree(msd_folder)
+    return folder
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dpunet_convert_dataset", description=__doc__,

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from dataset_conversion.common import PngCase, convert_all, sorted_pngs, test_entries, training_entries
+from dataset_conversion.convert_dataset import add_layout_argument, finish_layout
 from dpunet import paths
 from dpunet.utils.errors import DpunetError, cli_entry
 from dpunet.utils.files import write_json
@@ -93,9 +94,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="convert only the first N images of each split")
     p.add_argument("--membrane-threshold", type=int, default=128,
                    help="label PNG pixels below this value are membrane")
+    add_layout_argument(p)
     args = p.parse_args(argv)
     folder = convert_isbi2012(args.input, args.output_root or paths.raw_root(), args.task_id, args.limit,
                               args.membrane_threshold)
+    folder = finish_layout(folder, args.layout)
     print(f"wrote {folder}")
     return 0
 

@@ -212,3 +212,19 @@ def test_png_dataset_plans_trains_and_predicts_pngs(tmp_path, monkeypatch):
                     ignore=shutil.ignore_patterns("privacy_note.*"))
     summary = dpunet.evaluate(tmp_path / "reference", tmp_path / "predictions", task=991)
     assert summary["n_cases"] == 2
+
+
+def test_camvid_converter_writes_the_v2_layout(tmp_path):
+    from dataset_conversion import convert_camvid
+    from tests.test_conversion import _fake_camvid
+
+    source = _fake_camvid(tmp_path / "camvid", 11)
+    msd = convert_camvid.convert_camvid(source, tmp_path / "msd", task_id=7)
+    with pytest.raises(SystemExit) as done:
+        convert_camvid.main(["-i", str(source), "-o", str(tmp_path / "raw"), "--task-id", "7", "--layout", "v2"])
+    assert done.value.code == 0
+    assert [p.name for p in (tmp_path / "raw").iterdir()] == [f"Dataset007_{msd.name.split('_', 1)[1]}"]
+    v2, before = load_task(next((tmp_path / "raw").iterdir())), load_task(msd)
+    assert v2.layout == "nnunet_v2" and v2.labels[11] == "ignore" and v2.ignore_label == 11
+    assert v2.background_label is None and v2.num_channels == before.num_channels == 3
+    np.testing.assert_array_equal(read_image(v2.training[0].image)[0], read_image(before.training[0].image)[0])
