@@ -324,6 +324,9 @@ def format_report(spec: StudySpec, rows: list[dict[str, Any]], table: list[dict[
                          f"{_f(r['test_mean'])} |")
         lines.append("")
     lines += ["## Budget of every cell", "",
+              "Wall time: all sessions of the cell, including the public pretraining when this cell made it (the "
+              "first cell of an architecture, width and seed; later cells reuse the cached weights). DP step: "
+              "median seconds of one training step.", "",
               "| cell | width | T | q | K | sigma | C | epsilon PRV / RDP | delta | score | wall | DP step |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -355,11 +358,13 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def make_plots(table: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+def make_plots(table: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Path, study: str = "") -> list[Path]:
+    """The report's PNGs; every title starts with the study's name, so a plot is never read without it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     panels = _panels(table)
@@ -374,7 +379,7 @@ def make_plots(table: list[dict[str, Any]], rows: list[dict[str, Any]], folder: 
             pts = sorted(((eps_order.index(r["epsilon"]), r["mean"]) for r in members if r["arch"] == arch))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
         ax.set_xticks(range(len(eps_order)), [f"ε={e}" for e in eps_order])
-        ax.set_title(f"{task} {config}")
+        ax.set_title(f"{study}: {task} {config}")
         ax.set_ylabel(members[0]["score_metric"])
         ax.legend(fontsize=7)
     written.append(folder / "score_vs_epsilon.png")
@@ -393,7 +398,7 @@ def make_plots(table: list[dict[str, Any]], rows: list[dict[str, Any]], folder: 
             ax.bar(np.arange(len(archs)) + j * barw, vals, width=barw, label=f"ε={eps}")
         ax.set_xticks(np.arange(len(archs)) + 0.4 - barw / 2, archs, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("private / non-private score")
-        ax.set_title(f"DP gap, {task} {config}")
+        ax.set_title(f"{study}: DP gap, {task} {config}")
         ax.legend(fontsize=7)
     written.append(folder / "dp_gap.png")
     _save(fig, written[-1])
@@ -408,18 +413,23 @@ def make_plots(table: list[dict[str, Any]], rows: list[dict[str, Any]], folder: 
             for r in pts:
                 ax.annotate(r["arch"], (r["parameters"], r["mean"]), fontsize=6)
         ax.set_xscale("log")
+        thousands = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:.0f}k")
+        ax.xaxis.set_major_formatter(thousands)
+        ax.xaxis.set_minor_formatter(thousands)
+        ax.set_ylabel(members[0]["score_metric"] if members else "score")
         ax.set_xlabel("trained parameters")
-        ax.set_title(f"{task} {config}")
+        ax.set_title(f"{study}: {task} {config}")
         ax.legend(fontsize=7)
     written.append(folder / "score_vs_parameters.png")
     _save(fig, written[-1])
     plt.close(fig)
     if len({r["width"] for r in rows if r["status"] == "done"}) > 1:
-        written.append(_width_plot(rows, panels, folder, plt))
+        written.append(_width_plot(rows, panels, folder, plt, study))
     return written
 
 
-def _width_plot(rows: list[dict[str, Any]], panels: list[tuple[str, str]], folder: Path, plt: Any) -> Path:
+def _width_plot(rows: list[dict[str, Any]], panels: list[tuple[str, str]], folder: Path, plt: Any,
+                study: str) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (task, config) in zip(axes[0], panels):
         done = [r for r in rows if r["status"] == "done" and (r.get("task_name"), r["configuration"]) == (task, config)
@@ -431,7 +441,7 @@ def _width_plot(rows: list[dict[str, Any]], panels: list[tuple[str, str]], folde
             ax.plot(widths, means, marker="o", label=f"{arch} ε={eps}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("width multiplier")
-        ax.set_title(f"{task} {config}")
+        ax.set_title(f"{study}: {task} {config}")
         ax.legend(fontsize=6)
     path = folder / "score_vs_width.png"
     _save(fig, path)
@@ -448,5 +458,5 @@ def write_report(spec: StudySpec, folder: Optional[Path] = None) -> dict[str, An
     write_results_csv(rows, folder / "results.csv")
     table = arch_table(rows, *_group_case_scores(spec, rows))
     write_text(format_report(spec, rows, table), folder / "report.md")
-    plots = make_plots(table, rows, folder)
+    plots = make_plots(table, rows, folder, spec.name)
     return {"rows": rows, "table": table, "files": [folder / "results.csv", folder / "report.md", *plots]}
