@@ -406,3 +406,31 @@ def test_pooled_miou_sums_counts_over_cases_and_its_bootstrap_brackets_it():
     lo, hi = bootstrap_pooled_miou_ci(counts)
     assert lo <= (2 / 3 + 0.4) / 2 <= hi
     assert bootstrap_pooled_miou_ci(np.stack([counts[1]] * 5)) == pytest.approx((0.625, 0.625))  # (0.75 + 0.5) / 2
+
+
+def test_cv_summary_finds_a_run_by_the_same_identity_options(tmp_path, use_roots, capsys):
+    from dpunet.evaluation import cross_validation
+
+    roots = use_roots({"raw": tmp_path / "raw", "preprocessed": tmp_path / "pre", "results": tmp_path / "res"})
+    (roots["results"] / "Task990_X").mkdir(parents=True)
+    with pytest.raises(SystemExit) as done:
+        cross_validation.main(["-t", "Task990_X", "-c", "2d", "--eps", "8", "--width", "0.5", "--seed", "1",
+                               "--run-tag", "habc", "-f", "0"])
+    assert done.value.code == 2
+    assert "unet__2d__eps8__w0.5__seed1__habc: run folder not found" in capsys.readouterr().err
+
+
+def test_width_plot_appears_when_a_study_varies_the_width(tmp_path):
+    from dpunet.study.report import make_plots
+
+    rows, table = [], []
+    for width, score in ((0.25, 0.3), (0.5, 0.4)):
+        rows.append({"status": "done", "task_name": "T", "configuration": "2d", "arch": "unet", "epsilon": "8",
+                     "width": width, "score": score})
+        table.append({"task": "T", "configuration": "2d", "epsilon": "8", "arch": "unet", "mean": score,
+                      "dp_gap": math.nan, "parameters": 1000 * width, "score_metric": "foreground Dice"})
+    written = make_plots(table, rows, tmp_path, "s")
+    assert [p.name for p in written] == ["score_vs_epsilon.png", "dp_gap.png", "score_vs_parameters.png",
+                                         "score_vs_width.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert len(make_plots(table, rows[:1], tmp_path / "one", "s")) == 3
