@@ -466,6 +466,27 @@ def test_dp_norm_is_a_training_option_stored_with_the_run(synthetic_3d, use_root
     assert done.value.code == 2 and "--norm-groups must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name,width", [("unetr", 0.0625), ("dynunet", 0.25)])
+def test_bench_engine_runs_an_adapted_patch_and_deep_supervision(name, width, monkeypatch, capsys):
+    import dataclasses
+
+    from dpunet.benchmark import engine_bench
+
+    tiny = engine_bench.BenchNet("3D 8x16x16 b2", 3, (8, 16, 16), 2, (8, 16, 32))  # UNETR: patch -> 16x16x16
+    monkeypatch.setitem(engine_bench.PRESETS, "cpu", [tiny])
+    with pytest.raises(SystemExit) as done:
+        engine_bench.main(["--device", "cpu", "--preset", "cpu", "--arch", name, "--width", str(width),
+                           "--steps", "1", "--warmup", "0", "--extra-k", "0", "--methods", "fast", "--threads", "1"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(f"| {name} 3D 8x16x16 b2")]
+    assert len(rows) == 2 and "failed" not in out
+    net = dataclasses.replace(tiny, arch=name, width=width)
+    assert net.deep_supervision == (name == "dynunet")  # DynUNet's heads are benchmarked too
+    params = count_parameters(build_network(net.spec(), 1, 3, net.deep_supervision))
+    assert f"| {params / 1e6:.2f}M |" in rows[1]
+
+
 # ------------------------------------------------------------------------------------------- dpunet_archs
 def test_dpunet_archs_lists_every_name_with_source_dims_parameters_and_engines(capsys):
     from dpunet.architectures import architecture_names

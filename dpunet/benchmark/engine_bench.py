@@ -61,10 +61,11 @@ class BenchNet:
 
     @property
     def deep_supervision(self) -> bool:
-        """The U-Net presets train with deep supervision; the other names (MONAI, classic) give one output."""
-        from dpunet.architectures import ARCHITECTURE_PRESETS
+        """The U-Net presets and DynUNet train with deep supervision; the other names (MONAI, classic) give one
+        output."""
+        from dpunet.architectures import ARCHITECTURE_PRESETS, monai_has_deep_supervision
 
-        return self.arch in ARCHITECTURE_PRESETS
+        return self.arch in ARCHITECTURE_PRESETS or monai_has_deep_supervision(self.arch)
 
     def spec(self) -> dict[str, Any]:
         """The benchmarked network's spec: `arch` applied to the reference U-Net entry (DpunetError if refused)."""
@@ -266,12 +267,16 @@ def make_batch(net: BenchNet, patches: int, device: torch.device, seed: int):
     from dpunet.privacy.engines.base import PatientBatch
     from dpunet.learning.loss import downsample_seg_for_deep_supervision
 
+    from dpunet.architectures import supervision_levels
+
     gen = torch.Generator().manual_seed(seed)
     shape = (net.patients, patches)
-    data = torch.randn(*shape, net.in_channels, *net.patch_size, generator=gen)
-    seg = torch.randint(0, net.num_classes, (*shape, 1, *net.patch_size), generator=gen)
-    targets = downsample_seg_for_deep_supervision(seg, net.architecture()["kwargs"]["strides"]) \
-        if net.deep_supervision else [seg]
+    spec = net.spec()
+    patch = spec.get("patch_size", net.patch_size)  # a MONAI network may adapt the patch (architectures.md)
+    data = torch.randn(*shape, net.in_channels, *patch, generator=gen)
+    seg = torch.randint(0, net.num_classes, (*shape, 1, *patch), generator=gen)
+    n_out, strides = supervision_levels(spec, net.deep_supervision, len(patch))
+    targets = downsample_seg_for_deep_supervision(seg, strides, n_out)
     return PatientBatch(data.to(device), [t.to(device) for t in targets])
 
 
