@@ -356,9 +356,10 @@ def test_adapted_patch_trains_releases_and_predicts_in_the_input_geometry(name, 
     task = roots["results"] / "Task990_Synthetic3D"
     with pytest.raises(SystemExit) as done:
         train_cli.main(["990", "0", "--eps", "8", "-c", "3d_fullres", "--arch", name, "--width", str(width),
-                        "--init-from", "none", "--engine", "fast", "--no-validation", "--device", "cpu"])
+                        "--init-from", "none", "--engine", "fast", "--device", "cpu"])
     assert done.value.code == 0, capsys.readouterr().err[-2000:]
-    assert "patch size adapted: --arch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "patch size adapted: --arch" in out and "validation Dice" in out  # validated with the adapted patch
     [model_path] = task.glob(f"{name}__3d_fullres__*/fold_0/release/model_release.pt")
     fold_model = load_fold_model(model_path)
     assert fold_model.plan_configuration["patch_size"] == [16, 32, 32]
