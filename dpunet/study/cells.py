@@ -170,11 +170,10 @@ def run_cell_job(cell: Cell, study_folder: str, predict_test: bool = True, threa
     try:
         execute_cell(cell, study_folder_path, predict_test)
         status = "done"
-    except BaseException as e:  # noqa: BLE001 - recorded, then the study goes on
+    except Exception as e:  # noqa: BLE001 - recorded, then the study goes on
         write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}", folder / ERROR)
         status = "failed"
-        if isinstance(e, KeyboardInterrupt):
-            raise
+    # an interruption (Ctrl-C, SystemExit) is not a failure: the cell is pending again and continues next time
     finally:
         _add_session_time(folder, time.time() - start)
         (folder / RUNNING).unlink(missing_ok=True)
