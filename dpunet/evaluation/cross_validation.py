@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     task = resolve_task(args.task, results_root(), raw_root(), preprocessed_root())
-    run_dir = results_root() / task / run_folder_name(args.arch, args.configuration, args.eps, **run_identity_kwargs(args))
+    name = run_folder_name(args.arch, args.configuration, args.eps, **run_identity_kwargs(args))
+    run_dir = results_root() / task / name
     cv = summarize_cross_validation(run_dir, args.folds, n_splits=args.n_splits)
     print(format_cv_markdown(cv))
     print(f"written: {run_dir / 'cv_summary.json'}, {run_dir / 'cv_summary.md'}")

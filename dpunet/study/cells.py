@@ -117,7 +117,8 @@ def _predict_and_evaluate_test(cell: Cell, cfg: Any, fold_dir: Path, device: str
     return summary_path
 
 
-def execute_cell(cell: Cell, study_folder: Path, predict_test: bool = True, device: Optional[str] = None) -> dict[str, Any]:
+def execute_cell(cell: Cell, study_folder: Path, predict_test: bool = True, device: Optional[str] = None
+                 ) -> dict[str, Any]:
     """Run one cell to completion (or skip it when done) and write done.json; raises on failure."""
     import torch
 

@@ -40,7 +40,8 @@ def _commands(spec) -> list[str]:
     folder = f" --folder {shlex.quote(str(spec.folder.resolve()))}"
     threads = spec.executor.get("threads")
     prefix = (f"OMP_NUM_THREADS={threads} " if threads else "") + (env + " " if env else "")
-    return [f"{prefix}dpunet_study run-cell {shlex.quote(str(spec.path.resolve()))} {c.key}{folder}" for c in pending_cells(spec)]
+    spec_path = shlex.quote(str(spec.path.resolve()))
+    return [f"{prefix}dpunet_study run-cell {spec_path} {c.key}{folder}" for c in pending_cells(spec)]
 
 
 @cli_entry

@@ -251,7 +251,8 @@ def arch_table(rows: list[dict[str, Any]], scores: dict[str, dict[str, float]],
         else:
             lo, hi = bootstrap_ci(list(case_means[(task, config, eps, arch)].values()))
         table.append({"task": task, "configuration": config, "epsilon": eps, "arch": arch, "n_cells": len(members),
-                      "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+                      "mean": float(np.mean(values)),
+                      "sd": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
                       "ci_low": lo, "ci_high": hi, "n_cases": len(cases), "score_metric": members[0]["score_metric"],
                       "parameters": members[0].get("trained_parameters"),
                       "test_mean": _nanmean([float(m["test_score"]) for m in members
@@ -336,7 +337,8 @@ def format_report(spec: StudySpec, rows: list[dict[str, Any]], table: list[dict[
         wall = r.get("wall_seconds")
         lines.append(f"| {r['key']} | {r['width']} | {r.get('T')} | {_f(r.get('q'))} | {r.get('K')} | "
                      f"{_f(r.get('sigma'))} | {_f(r.get('C'), 2)} | {_f(r.get('epsilon_prv'))} / "
-                     f"{_f(r.get('epsilon_rdp'))} | {'-' if r.get('delta') is None else format(r['delta'], 'g')} | {_f(r.get('score'))} | "
+                     f"{_f(r.get('epsilon_rdp'))} | {'-' if r.get('delta') is None else format(r['delta'], 'g')} | "
+                     f"{_f(r.get('score'))} | "
                      f"{_f(wall / 60 if wall else None, 1)} min | {_f(r.get('dp_step_seconds'), 2)} s |")
     failed = [r["key"] for r in rows if r["status"] == "failed"]
     if failed:

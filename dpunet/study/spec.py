@@ -296,7 +296,8 @@ def parse_spec(raw: Any, path: Path) -> StudySpec:
     from dpunet.paths import results_root
 
     folder = Path(raw["folder"]) if raw.get("folder") else results_root() / "studies" / name
-    return StudySpec(path=path, name=name, cells=list(unique.values()), executor=parse_executor(path, raw.get("executor")),
+    return StudySpec(path=path, name=name, cells=list(unique.values()),
+                     executor=parse_executor(path, raw.get("executor")),
                      folder=folder, predict_test=bool(raw.get("predict_test", True)),
                      description=str(raw.get("description", "")), budget_note=str(raw.get("budget_note", "")),
                      raw=raw)
