@@ -435,3 +435,14 @@ def test_width_plot_appears_when_a_study_varies_the_width(tmp_path):
                                          "score_vs_width.png"]
     assert all(p.stat().st_size > 1000 for p in written)
     assert len(make_plots(table, rows[:1], tmp_path / "one", "s")) == 3
+
+
+def test_parallel_cells_start_with_one_cell_per_pretraining_group(tmp_path, monkeypatch):
+    from dpunet.study.runner import pretraining_first_order
+
+    monkeypatch.setenv("DPUNET_RESULTS", str(tmp_path))
+    spec = parse_spec({**BASE, "seeds": [0, 1]}, tmp_path / "s.yaml")  # 2 archs x 2 seeds = 4 groups of 3 epsilons
+    ordered = pretraining_first_order(spec.cells)
+    assert sorted(c.key for c in ordered) == sorted(c.key for c in spec.cells)
+    first = [(c.arch, c.seed) for c in ordered[:4]]
+    assert len(set(first)) == 4  # the 4 pretrainings are made before any cell could wait on or repeat one

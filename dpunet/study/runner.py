@@ -87,6 +87,20 @@ def pending_cells(spec: StudySpec) -> list[Cell]:
     return [c for c in spec.cells if states[c.key] in ("pending", "failed", "interrupted")]
 
 
+def pretraining_first_order(cells: list[Cell]) -> list[Cell]:
+    """The cells reordered round-robin over their pretraining groups (task, configuration, arch, width, seed, init,
+    pretraining options): the first cell of every group comes before any group's second, so that cells running
+    side by side do not make the same cached public pretraining twice."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        pretraining = tuple(sorted((k, v) for k, v in c.overrides if k.startswith("pretraining")))
+        groups.setdefault((c.task, c.configuration, c.arch, c.width, c.seed, c.init, pretraining), []).append(c)
+    ordered, lists = [], list(groups.values())
+    for i in range(max(len(g) for g in lists) if lists else 0):
+        ordered += [g[i] for g in lists if i < len(g)]
+    return ordered
+
+
 def _submit(executor: Any, spec: StudySpec, cell: Cell) -> Any:
     return executor.submit(run_cell_job, cell, str(spec.folder.resolve()), spec.predict_test,
                            spec.executor.get("threads"), job_environment())
@@ -112,7 +126,7 @@ def run_study(spec: StudySpec, only: Optional[list[str]] = None, say: Callable[[
         return {"done": 0, "failed": 0, "submitted": len(jobs)}
     parallel = int(spec.executor.get("parallel", 1))
     counts = {"done": 0, "failed": 0, "submitted": 0}
-    queue, running = list(cells), []
+    queue, running = (pretraining_first_order(cells) if parallel > 1 else list(cells)), []
     while queue or running:
         while queue and len(running) < parallel:
             cell = queue.pop(0)
