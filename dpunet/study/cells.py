@@ -83,7 +83,7 @@ def _test_set(task_name: str) -> Optional[tuple[Path, Path]]:
     from dpunet.paths import raw_root
 
     images, labels = raw_root() / task_name / "imagesTs", raw_root() / task_name / "labelsTs"
-    if images.is_dir() and labels.is_dir() and any(labels.glob("*.nii*")):
+    if images.is_dir() and labels.is_dir() and any(f.is_file() for f in labels.iterdir()):
         return images, labels
     return None
 
