@@ -124,16 +124,26 @@ def train(task: str | int, fold: int | str, epsilon: float, configuration: str |
                validation=result["validation"], options=cfg.to_dict())
 
 
-def predict(input_folder: str | Path, output_folder: str | Path, task: str | int, configuration: str | None = None,
-            folds: Sequence[int | str] | int | str | None = None, epsilon: float = 8.0, arch: str = "unet",
-            **options: Any):
+def predict(input_folder: str | Path, output_folder: str | Path, task: str | int | None = None,
+            configuration: str | None = None, folds: Sequence[int | str] | int | str | None = None,
+            epsilon: float = 8.0, arch: str = "unet", *, run: Run | None = None, **options: Any):
     """Segment every image of `input_folder` into `output_folder` (in each input's geometry and file format) with
     the ensemble of the chosen folds (default 0-4) of run <arch>__<configuration>__eps<epsilon>; writes
-    privacy_note.json/.md there. `options`: step_size, use_mirroring, device, num_processes,
-    save_probabilities, tile_batch_size, progress, identity (see dpunet.inference.predictor.predict_folder).
-    Returns a PredictionResult (output_folder, case_ids, written, privacy_note)."""
+    privacy_note.json/.md there. `run=` a Run from `train` instead: its task, configuration, epsilon, arch and
+    run identity (width, seed, initialisation, tag), and its fold unless `folds` is given. `options`:
+    step_size, use_mirroring, device, num_processes, save_probabilities, tile_batch_size, progress, identity
+    (see dpunet.inference.predictor.predict_folder). Returns a PredictionResult (output_folder, case_ids,
+    written, privacy_note)."""
     from dpunet.inference.predictor import DEFAULT_FOLDS, predict_folder
 
+    if run is not None:
+        task, configuration, epsilon = run.task, run.configuration, run.epsilon
+        arch = run.options.get("arch", arch)
+        folds = [run.fold] if folds is None else folds
+        options.setdefault("identity", {k: run.options[k] for k in ("width", "seed", "init_from", "run_tag")
+                                        if k in run.options})
+    if task is None:
+        raise DpunetError("dpunet.predict: give the task (or run=, a Run from dpunet.train)")
     return predict_folder(input_folder, output_folder, task, configuration,
                           DEFAULT_FOLDS if folds is None else folds, epsilon, arch, **options)
 

@@ -52,6 +52,9 @@ def test_documented_examples_run(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in (tmp_path / "predictions_imagesTs").glob("*.nii.gz")) == \
         [f"{c}.nii.gz" for c in sorted(result.case_ids)] and len(result.case_ids) == 2
     assert summary["n_cases"] == 16 and (tmp_path / "predictions_imagesTr" / "summary.json").is_file()
+    narrow = namespace["narrow"]  # a run whose folder name carries its width and seed: predict(run=) found it
+    assert narrow.folder.parent.name == "unet__2d__epsinf__w0.5__seed1"
+    assert len(list((tmp_path / "predictions_narrow").glob("*.nii.gz"))) == 2
     out = capsys.readouterr().out
     assert "planned: N" in out and "cases, foreground Dice" in out
 
@@ -88,9 +91,10 @@ def test_commands_call_the_api(module, argv, function, expected, monkeypatch):
         calls.append((args, kwargs))
         raise Stop
 
+    command = importlib.import_module(module)  # imported before the patch: a command must look the API up per call
     monkeypatch.setattr(dpunet.api, function, fake)
     with pytest.raises(Stop):
-        importlib.import_module(module).main.__wrapped__(argv)
+        command.main.__wrapped__(argv)
     (args, kwargs), = calls
     want_args, want_kwargs = expected
     assert args == want_args

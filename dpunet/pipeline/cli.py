@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-from dpunet.api import plan_and_preprocess
 from dpunet.pipeline.arguments import (add_fingerprint_arguments, add_plan_arguments, add_preprocess_arguments,
                                       add_task_argument, plan_options)
 from dpunet.utils.errors import cli_entry
@@ -22,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     add_preprocess_arguments(parser)
     parser.add_argument("--no-preprocess", action="store_true", help="stop after planning")
     args = parser.parse_args(argv)
+    from dpunet.api import plan_and_preprocess  # looked up at each call, like the other commands
+
     options = plan_options(args)
     plan_and_preprocess(args.task, options.pop("configurations"), options.pop("epsilon"),
                         num_processes=args.num_processes, verify=args.verify, ct_statistics=args.ct_statistics,
