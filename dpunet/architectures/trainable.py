@@ -13,18 +13,49 @@ from torch import nn
 from dpunet.architectures.registry import count_parameters
 
 NORM_TYPES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
+# MONAI classes whose deep-supervision heads are trained alongside the final conv (module names under MonaiNet)
+MONAI_EXTRA_HEADS = {"DynUNet": ("net.output_block", "net.deep_supervision_heads")}
 
 
-def _is_bias_norm_or_head(module_name: str, module: nn.Module, param_name: str) -> bool:
+def _output_channels(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    return None
+
+
+def head_module_names(model: nn.Module) -> set[str]:
+    """Names of the modules that map features to class logits (the "head" of `--trainable bias_norm_head`).
+
+    dpunet's U-Nets: their 1x1 heads (`decoder.heads.*`, one per deep-supervision level). Any other network
+    with a `num_classes` attribute (the classic families' `classifier`, a MONAI network's final conv): the last
+    registered convolution or linear layer with `num_classes` outputs, since every one of these networks
+    builds its output layer last; DynUNet's deep-supervision heads are added by name (they are built after
+    its output block)."""
+    names = {n for n, _ in model.named_modules() if n.startswith("decoder.heads.")}
+    if names:
+        return names
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        return names
+    final = [n for n, m in model.named_modules() if _output_channels(m) == int(num_classes)]
+    names.update(final[-1:])
+    extra = MONAI_EXTRA_HEADS.get(type(getattr(model, "net", None)).__name__, ())
+    names.update(n for n, _ in model.named_modules() if any(n == p or n.startswith(p + ".") for p in extra))
+    return names
+
+
+def _is_bias_norm_or_head(module_name: str, module: nn.Module, param_name: str, heads: set[str]) -> bool:
     if param_name == "bias" or isinstance(module, NORM_TYPES):
         return True
     if type(module).__name__.endswith("Norm"):  # ScaleNorm and other affine norms of dpunet's blocks
         return True
-    return module_name.startswith("decoder.heads.")
+    return module_name in heads
 
 
 TRAINABLE_SUBSETS = {
-    "all": lambda module_name, module, param_name: True,
+    "all": lambda module_name, module, param_name, heads: True,
     "bias_norm_head": _is_bias_norm_or_head,
 }
 
@@ -34,7 +65,8 @@ def select_trainable(model: nn.Module, subset: str) -> int:
     if subset not in TRAINABLE_SUBSETS:
         raise ValueError(f"unknown trainable subset {subset!r}; choose one of {sorted(TRAINABLE_SUBSETS)}")
     keep = TRAINABLE_SUBSETS[subset]
+    heads = head_module_names(model)
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            param.requires_grad_(keep(module_name, module, param_name))
+            param.requires_grad_(keep(module_name, module, param_name, heads))
     return count_parameters(model)

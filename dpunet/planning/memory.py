@@ -6,7 +6,7 @@ state. It is deliberately simple and conservative; the trainer logs the real pea
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,22 +42,34 @@ def activation_bytes_per_patch(patch_size: Sequence[int], strides: Sequence[Sequ
     return int(total * bytes_per_value)
 
 
+def training_bytes(num_params: int, patients: int, activation_bytes: float,
+                   trained_params: int | None = None, bytes_per_value: int = 4) -> int:
+    """The accounting of one micro-batch, for any network: weights (all parameters), then for the trained
+    ones the summed gradient, two optimiser moments and one instantiated gradient per patient, plus the
+    activations the micro-batch's patches keep for backward (`activation_bytes`, already summed)."""
+    trained = num_params if trained_params is None else trained_params
+    fixed = bytes_per_value * (num_params + 3 * trained)  # weights, summed gradient, two optimiser moments
+    per_patient_grads = bytes_per_value * trained * patients
+    return int(fixed + per_patient_grads + activation_bytes)
+
+
+def largest_fitting(bytes_for: Callable[[int], float], budget_bytes: float, cap: int | None = None) -> int:
+    """The largest n >= 0 with bytes_for(n) <= budget (bytes_for must grow with n); at most `cap`."""
+    n = 0
+    while (cap is None or n < cap) and bytes_for(n + 1) <= budget_bytes:
+        n += 1
+    return n
+
+
 def micro_batch_bytes(patches: int, patients: int, patch_size, strides, features, num_params: int,
                       n_convs: int = 2, bytes_per_value: int = 4) -> int:
     """Estimated peak bytes for `patches` patches from `patients` patients in one micro-batch."""
-    fixed = 4 * num_params * 4  # weights, summed gradient, two optimiser moments (fp32)
-    per_patient_grads = 4 * num_params * patients
     acts = patches * activation_bytes_per_patch(patch_size, strides, features, n_convs, bytes_per_value)
-    return int(fixed + per_patient_grads + acts)
+    return training_bytes(num_params, patients, acts)
 
 
 def patients_per_micro_batch(budget_bytes: float, patches_per_patient: int, patch_size, strides, features,
                              num_params: int, n_convs: int = 2, cap: int | None = None) -> int:
     """How many patients (each with all K patches) fit the budget; 0 when not even one does."""
-    n = 0
-    while micro_batch_bytes((n + 1) * patches_per_patient, n + 1, patch_size, strides, features, num_params,
-                            n_convs) <= budget_bytes:
-        n += 1
-        if cap is not None and n >= cap:
-            break
-    return n
+    return largest_fitting(lambda n: micro_batch_bytes(n * patches_per_patient, n, patch_size, strides, features,
+                                                       num_params, n_convs), budget_bytes, cap)

@@ -60,6 +60,7 @@ class TrainingConfig:
     oversample_foreground: float = 0.33
     dice_weight: float = 1.0
     ce_weight: float = 1.0
+    # None: the trainer sizes it for the network it builds (memory estimate against the plan's budget)
     patients_per_micro_batch: int | None = None
     checkpoint_minutes: float = 5.0
     checkpoint_every_steps: int | None = None
@@ -102,7 +103,6 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
         "steps": dp["steps"],
         "patches_per_patient": dp["patches_per_patient"],
         "clip_norm": dp["clip_norm"] if dp.get("clip_norm") else 1.0,
-        "patients_per_micro_batch": plan_config.get("patients_per_micro_batch"),
         "oversample_foreground": plan_config.get("oversample_foreground_fraction", 0.33),
     }
     for key in ("optimizer", "learning_rate", "momentum", "weight_decay", "lr_schedule", "warmup_steps",

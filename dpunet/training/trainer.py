@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import dpunet
+from dpunet.architectures.memory_estimate import MicroBatchEstimate, estimate_micro_batch
 from dpunet.architectures import (arch_for_configuration, build_network, select_trainable, supervision_levels,
                                   validate_for_dp)
 from dpunet.evaluation.cross_validation import run_folder_name
@@ -68,6 +69,8 @@ def run_directory(cfg: TrainingConfig) -> Path:
 # in units of C; De et al.'s CIFAR-10 recipe (sigma 3, batch 4096, 2.7M parameters) runs at about 1.2. Above it,
 # runs from a random initialisation did not learn on hippocampus; fine-tuning pretrained weights did (results.md)
 NOISE_NORM_WARNING = 2.0
+# the memory budget of plans made before the plan recorded one (dpunet_plan's --gpu-memory-gb default)
+DEFAULT_MEMORY_GB = 16.0
 # options that shape the weights or the optimiser state a checkpoint holds
 RESUME_FIXED_OPTIONS = ("arch", "width", "dp_norm", "norm_groups", "trainable", "init_from", "pretraining_steps",
                         "deep_supervision", "optimizer")
@@ -190,18 +193,15 @@ class DPTrainer:
         planned = self.plan_config
         self.arch, self.plan_config = arch_for_configuration(planned, cfg.arch, cfg.width, cfg.dp_norm,
                                                              cfg.norm_groups)
-        if self.plan_config is not planned:
-            if distributed.is_main_process():
-                tqdm.write(f"patch size adapted: {self.arch['patch_size_adapted_because']}")
-            if cfg.patients_per_micro_batch == planned.get("patients_per_micro_batch"):
-                # the plan's micro-batch was sized for the plan's patch (an explicit, equal value is treated alike)
-                cfg.patients_per_micro_batch = self.plan_config["patients_per_micro_batch"]
+        if self.plan_config is not planned and distributed.is_main_process():
+            tqdm.write(f"patch size adapted: {self.arch['patch_size_adapted_because']}")
         self.num_classes = self.task.num_classes
         self.model = build_network(self.arch, self.task.num_channels, self.num_classes, cfg.deep_supervision)
         problems = validate_for_dp(self.model, cfg.engine) if cfg.private else []
         if problems:
             raise DpunetError("the network is not fit for DP-SGD:\n  " + "\n  ".join(problems))
         self.num_trained_parameters = select_trainable(self.model, cfg.trainable)
+        self._size_micro_batch(planned.get("patients_per_micro_batch"))
         self.model.to(self.device)
         n_out, _ = supervision_levels(self.arch, cfg.deep_supervision, self.plan_config["dim"])
         # natural images (CamVid) have no background class: every class enters the Dice term
@@ -223,6 +223,53 @@ class DPTrainer:
         self.optimizer = make_optimizer(cfg.optimizer, self.engine.params, cfg.learning_rate, cfg.momentum,
                                         cfg.weight_decay)
         self.ema = WeightEMA(self.model, cfg.ema_decay)
+
+    def _memory_budget_bytes(self) -> tuple[float, str]:
+        """(bytes, how it was set): the plan's memory budget and, on CUDA, at most the device's free memory."""
+        gb = float((self.plan_config.get("memory_model") or {}).get("gpu_memory_gb", DEFAULT_MEMORY_GB))
+        budget, how = gb * 1024 ** 3, f"the plan's memory_model.gpu_memory_gb {gb:g}"
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if free < budget:
+                budget, how = float(free), f"the free memory of {self.device} ({free / 1024 ** 3:.1f} GiB)"
+        return budget, how
+
+    def _size_micro_batch(self, planned: int | None) -> None:
+        """Patients per physical micro-batch: --patients-per-micro-batch when given; otherwise the most whole
+        patients (K patches each) whose micro-batch of the network actually built (any --arch, width, adapted
+        patch, trained subset) fits the memory budget, at least 1. The plan's figure was sized for its U-Net."""
+        cfg = self.cfg
+        budget, budget_how = self._memory_budget_bytes()
+        estimate: MicroBatchEstimate | None = None
+        try:
+            estimate = estimate_micro_batch(self.model, self.task.num_channels, self.plan_config["patch_size"],
+                                            cfg.patches_per_patient)
+        except DpunetError as e:
+            if cfg.patients_per_micro_batch is None:
+                warn(f"{e}; the plan's patients_per_micro_batch is used")
+        if cfg.patients_per_micro_batch is not None:
+            n, source = max(1, int(cfg.patients_per_micro_batch)), "--patients-per-micro-batch"
+        elif estimate is None:
+            n, source = max(1, int(self.plan_config.get("patients_per_micro_batch") or 1)), "plan"
+        else:
+            fit = estimate.patients_that_fit(budget, cap=self.num_patients)
+            n, source = max(1, fit), "memory estimate of the built network"
+            if fit == 0:
+                warn(f"one patient's {cfg.patches_per_patient} patches need an estimated "
+                     f"{estimate.bytes(1) / 1024 ** 3:.1f} GiB with --arch {cfg.arch} --width {cfg.width:g}, more "
+                     f"than the budget ({budget_how}): training may run out of memory; lower --width or "
+                     f"--patches-per-patient")
+            # the plan caps its figure at the task's patients, the trainer at this fold's
+            if n != min(planned or n, self.num_patients) and distributed.is_main_process():
+                tqdm.write(f"micro-batch: {n} patients x {cfg.patches_per_patient} patches fit {budget_how} with "
+                           f"--arch {cfg.arch} --width {cfg.width:g} (estimated {estimate.bytes(n) / 1024 ** 3:.3g} "
+                           f"GiB); the plan's {planned} was sized for its U-Net")
+        self.patients_per_micro_batch = n
+        self.micro_batch_record = {
+            "patients_per_micro_batch": n, "set_by": source, "plan_patients_per_micro_batch": planned,
+            "budget_bytes": int(budget), "budget": budget_how,
+            "estimated_bytes": estimate.bytes(n) if estimate else None,
+            "estimate": estimate.to_dict() if estimate else None}
 
     def _pretraining_steps_to_run(self) -> int:
         """Steps of random-image pretraining this run will do first (0 when its checkpoint is cached)."""
@@ -297,7 +344,6 @@ class DPTrainer:
         self.patch_sampler = PatientPatchSampler(
             store, self.patients, pc["patch_size"], cfg.patches_per_patient, cfg.oversample_foreground,
             pc.get("augmentation") if cfg.augmentation else None, pc["dim"], self.task.ignore_label, strides)
-        self.patients_per_micro_batch = max(1, cfg.patients_per_micro_batch or 1)
         self.loader: BackgroundPatientLoader | None = None
         # patient draws made ahead of training (for prefetching): (step index, patients)
         self.pending: deque[tuple[int, list[str]]] = deque()
@@ -489,7 +535,7 @@ class DPTrainer:
                         "parameters": {"total": sum(p.numel() for p in self.model.parameters()),
                                        "trained": self.num_trained_parameters, "subset": cfg.trainable,
                                        "noise_norm_per_step_in_units_of_C": self.noise_norm_per_step()},
-                        "initial_weights": self.initial_weights,
+                        "initial_weights": self.initial_weights, "micro_batch": self.micro_batch_record,
                         "run_time_estimate": self.run_time_estimate.to_dict(),
                         "world_size": distributed.world_size()},
                        self.private_dir / "run_config.json")
