@@ -94,7 +94,8 @@ def _training_case_check(
     geometry, problems = _read_image_problems(image, num_channels)
     image = image[0] if isinstance(image, tuple) else image  # messages name the first channel file
     if label is None:
-        return problems + [f"{image}: training case has no label file in dataset.json"], set()
+        return problems + [f"{image}: training case has no label file (none in dataset.json; nnU-Net v2: none in "
+                           f"labelsTr)"], set()
     try:
         seg, label_geometry = read_label(label)
     except DpunetError as e:

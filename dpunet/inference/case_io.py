@@ -156,7 +156,7 @@ def preprocess_input_case(case: InputCase, plan_configuration: dict[str, Any], n
     properties["case_id"] = case.case_id
     properties["input_files"] = [str(f) for f in case.files]
     # the segmentation is written in the input's format (<case>.png for PNG inputs, as nnU-Net v2 does)
-    properties["output_suffix"] = next(x for x in IMAGE_SUFFIXES if case.files[0].name.endswith(x))
+    properties["output_suffix"] = next((x for x in IMAGE_SUFFIXES if case.files[0].name.endswith(x)), ".nii.gz")
     return data.astype(np.float32, copy=False), properties
 
 
