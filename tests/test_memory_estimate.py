@@ -19,6 +19,7 @@ from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, dow
 from dpunet.planning import memory
 from dpunet.privacy.engines.base import PatientBatch
 from dpunet.privacy.engines.registry import make_engine
+from dpunet.utils.errors import DpunetError
 from tests.conftest import plan_synthetic_task
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
@@ -66,6 +67,22 @@ def test_shared_modules_stay_real_after_the_estimate():
     assert all(p.device.type == "cpu" for _, p in net.named_parameters(remove_duplicate=False))
     out = net(torch.randn(1, 1, *patch))
     assert all(torch.isfinite(o).all() for o in out)
+
+
+class ReadsValues(nn.Module):
+    """A forward that needs the data's values (nothing to measure on shape-only tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x) * float(x.abs().max())
+
+
+def test_a_network_that_reads_values_is_refused_with_a_clear_message():
+    with pytest.raises(DpunetError, match="does not run on shape-only"):
+        estimate_micro_batch(ReadsValues(), 1, [8, 8], 2)
 
 
 @pytest.mark.parametrize("dim,patch", [(2, [56, 40]), (3, [40, 56, 40])])
@@ -250,7 +267,8 @@ def test_trainer_sizes_the_micro_batch_for_the_network_it_builds(synthetic_2d, u
     out = capsys.readouterr().out
     assert "micro-batch: " in out and "--arch deeplabv3plus" in out and "sized for its U-Net" in out
     # an explicit value is kept and recorded as such; the estimate is recorded beside it
-    explicit = _trainer(tmp_path / "explicit", arch="deeplabv3plus", width=1.0, patients_per_micro_batch=5, epsilon=inf)
+    explicit = _trainer(tmp_path / "explicit", arch="deeplabv3plus", width=1.0, patients_per_micro_batch=5,
+                        epsilon=inf)
     assert explicit.patients_per_micro_batch == 5
     assert explicit.micro_batch_record["set_by"] == "--patients-per-micro-batch"
     # too small for even one patient: one, with a warning naming the remedy
@@ -258,6 +276,17 @@ def test_trainer_sizes_the_micro_batch_for_the_network_it_builds(synthetic_2d, u
     tiny = _trainer(tmp_path / "tiny", arch="unet", width=0.25, epsilon=inf)
     assert tiny.patients_per_micro_batch == 1
     assert "training may run out of memory; lower --width" in capsys.readouterr().err
+    # a network that cannot be measured: the plan's figure, with a warning
+    import dpunet.training.trainer as trainer_module
+
+    def unmeasurable(*args, **kwargs):
+        raise DpunetError("memory estimate: the network does not run on shape-only (meta) tensors (test)")
+
+    monkeypatch.setattr(trainer_module, "estimate_micro_batch", unmeasurable)
+    fallback = _trainer(tmp_path / "fallback", arch="unet", width=0.25, epsilon=inf)
+    assert fallback.micro_batch_record["set_by"] == "plan" and fallback.micro_batch_record["estimate"] is None
+    assert fallback.patients_per_micro_batch == load_training_inputs("990", "2d")[2]["patients_per_micro_batch"]
+    assert "the plan's patients_per_micro_batch is used" in capsys.readouterr().err
 
 
 def test_run_config_records_the_micro_batch(synthetic_2d, use_roots, tmp_path):

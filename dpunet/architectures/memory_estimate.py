@@ -39,7 +39,8 @@ class MicroBatchEstimate:
 
     def bytes(self, patients: int) -> int:
         """Estimated peak bytes for `patients` patients with K patches each."""
-        activations = self.activation_bytes_fixed + patients * self.patches_per_patient * self.activation_bytes_per_patch
+        patches = patients * self.patches_per_patient
+        activations = self.activation_bytes_fixed + patches * self.activation_bytes_per_patch
         return memory.training_bytes(self.num_parameters, patients, activations, self.trained_parameters)
 
     def patients_that_fit(self, budget_bytes: float, cap: int | None = None) -> int:
@@ -99,7 +100,8 @@ def estimate_micro_batch(model: nn.Module, in_channels: int, patch_size: Sequenc
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
         one, two = (saved_bytes(model, (b, int(in_channels), *patch_size), dtype) for b in (1, 2))
-    except (RuntimeError, NotImplementedError, TypeError, ValueError, DpunetError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever stops the shape-only run (an op that reads values, a
+        # module that cannot be copied) means "not measurable": the caller falls back, training goes on
         raise DpunetError(f"memory estimate: the network does not run on shape-only (meta) tensors "
                           f"({type(e).__name__}: {str(e)[:200]})") from None
     per_patch = max(0, two - one)
