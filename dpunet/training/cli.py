@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false", default=None)
     p.add_argument("--engine", default=None, help="per-patient gradient engine (auto, fast, functorch, "
                                                   "opacus_hooks, reference_loop)")
-    p.add_argument("--patients-per-micro-batch", type=int, default=None, help="physical micro-batch (patients)")
+    p.add_argument("--patients-per-micro-batch", type=int, default=None,
+                   help="physical micro-batch (patients); default: the most that fit the plan's memory budget "
+                        "with the network built (a measured estimate)")
     p.add_argument("--num-workers", type=int, default=None, help="background data-loading processes")
     p.add_argument("--no-augmentation", dest="augmentation", action="store_false", default=None,
                    help="patches without data augmentation (ablations, debugging)")
