@@ -141,6 +141,14 @@ def test_trained_subset_shrinks_the_per_patient_gradients():
     assert subset.bytes(2) - subset.bytes(1) == 4 * trained + 2 * subset.activation_bytes_per_patch
 
 
+def test_non_private_training_holds_no_per_patient_gradients():
+    net, _, patch = build("pspnet", 2, 0.25, [32, 32])
+    private = estimate_micro_batch(net, 1, patch, 2)
+    plain = estimate_micro_batch(net, 1, patch, 2, per_patient_gradients=False)
+    for n in (1, 3):
+        assert private.bytes(n) - plain.bytes(n) == 4 * n * private.trained_parameters
+
+
 def test_patients_that_fit_is_the_largest_within_the_budget():
     net, _, patch = build("linknet", 2, 0.25, [32, 32])
     est = estimate_micro_batch(net, 1, patch, 3)
@@ -247,7 +255,8 @@ def test_trainer_sizes_the_micro_batch_for_the_network_it_builds(synthetic_2d, u
     _, _, plan_config, _, task = load_training_inputs("990", "2d")
     spec, config = arch_for_configuration(plan_config, "unet", 0.25)
     net = build_network(spec, task.num_channels, task.num_classes, True)
-    small = estimate_micro_batch(net, task.num_channels, config["patch_size"], 2)
+    # non-private trainers (below): no per-patient gradients are held
+    small = estimate_micro_batch(net, task.num_channels, config["patch_size"], 2, per_patient_gradients=False)
     budget = (small.bytes(3) + small.bytes(4)) / 2  # 3 patients of the small network fit, 4 do not
     _set_budget(synthetic_2d, budget / 1024 ** 3)
     capsys.readouterr()

@@ -36,12 +36,15 @@ class MicroBatchEstimate:
     patches_per_patient: int
     activation_bytes_per_patch: int
     activation_bytes_fixed: int
+    # False for non-private training (--eps inf): its engine sums the batch's gradient without per-patient ones
+    per_patient_gradients: bool = True
 
     def bytes(self, patients: int) -> int:
         """Estimated peak bytes for `patients` patients with K patches each."""
         patches = patients * self.patches_per_patient
         activations = self.activation_bytes_fixed + patches * self.activation_bytes_per_patch
-        return memory.training_bytes(self.num_parameters, patients, activations, self.trained_parameters)
+        instantiated = patients if self.per_patient_gradients else 0  # patients whose gradient is held apart
+        return memory.training_bytes(self.num_parameters, instantiated, activations, self.trained_parameters)
 
     def patients_that_fit(self, budget_bytes: float, cap: int | None = None) -> int:
         """The most whole patients whose micro-batch fits `budget_bytes` (0 when not even one does)."""
@@ -93,7 +96,7 @@ def saved_bytes(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype
 
 
 def estimate_micro_batch(model: nn.Module, in_channels: int, patch_size: Sequence[int],
-                         patches_per_patient: int) -> MicroBatchEstimate:
+                         patches_per_patient: int, per_patient_gradients: bool = True) -> MicroBatchEstimate:
     """Measure `model` (as built: its trained subset, width and patch) for micro-batches of patients with
     `patches_per_patient` patches of `patch_size`. Raises DpunetError when the network cannot run on meta
     tensors (an operation that reads values)."""
@@ -110,4 +113,5 @@ def estimate_micro_batch(model: nn.Module, in_channels: int, patch_size: Sequenc
         trained_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         patches_per_patient=int(patches_per_patient),
         activation_bytes_per_patch=per_patch,
-        activation_bytes_fixed=max(0, one - per_patch))
+        activation_bytes_fixed=max(0, one - per_patch),
+        per_patient_gradients=bool(per_patient_gradients))

@@ -243,7 +243,7 @@ class DPTrainer:
         estimate: MicroBatchEstimate | None = None
         try:
             estimate = estimate_micro_batch(self.model, self.task.num_channels, self.plan_config["patch_size"],
-                                            cfg.patches_per_patient)
+                                            cfg.patches_per_patient, per_patient_gradients=cfg.private)
         except DpunetError as e:
             if cfg.patients_per_micro_batch is None:
                 warn(f"{e}; the plan's patients_per_micro_batch is used")
