@@ -308,3 +308,21 @@ def test_run_config_records_the_micro_batch(synthetic_2d, use_roots, tmp_path):
     assert record["budget_bytes"] == 16 * 1024 ** 3
     assert record["estimate"]["num_parameters"] == sum(p.numel() for p in trainer.model.parameters())
     assert math.isfinite(record["estimated_bytes"]) and record["estimated_bytes"] <= record["budget_bytes"]
+
+
+def test_budget_is_the_plans_and_on_cuda_at_most_the_free_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from dpunet.training.trainer import DEFAULT_MEMORY_GB, DPTrainer
+
+    gib = 1024 ** 3
+    plan = {"memory_model": {"gpu_memory_gb": 12.0}}
+    cpu = SimpleNamespace(plan_config=plan, device=torch.device("cpu"))
+    assert DPTrainer._memory_budget_bytes(cpu)[0] == 12 * gib
+    old_plan = SimpleNamespace(plan_config={}, device=torch.device("cpu"))
+    assert DPTrainer._memory_budget_bytes(old_plan)[0] == DEFAULT_MEMORY_GB * gib
+    cuda = SimpleNamespace(plan_config=plan, device=torch.device("cuda", 0))
+    for free, expected in ((5 * gib, 5 * gib), (40 * gib, 12 * gib)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * gib))
+        budget, how = DPTrainer._memory_budget_bytes(cuda)
+        assert budget == expected and ("free memory" in how) == (free < 12 * gib)
