@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dpunet.architectures import apply_preset, build_network, select_trainable, supervision_levels
-from dpunet.architectures.memory_estimate import estimate_micro_batch, saved_bytes
+from dpunet.architectures.memory_estimate import MicroBatchEstimate, estimate_micro_batch, saved_bytes
 from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.planning import memory
 from dpunet.privacy.engines.base import PatientBatch
@@ -257,7 +257,8 @@ def test_trainer_sizes_the_micro_batch_for_the_network_it_builds(synthetic_2d, u
     net = build_network(spec, task.num_channels, task.num_classes, True)
     # non-private trainers (below): no per-patient gradients are held
     small = estimate_micro_batch(net, task.num_channels, config["patch_size"], 2, per_patient_gradients=False)
-    budget = (small.bytes(3) + small.bytes(4)) / 2  # 3 patients of the small network fit, 4 do not
+    usable = (small.bytes(3) + small.bytes(4)) / 2  # 3 patients of the small network fit, 4 do not
+    budget = usable * memory.SAFETY_FACTOR  # the plan's budget; the trainer keeps a safety margin below it
     _set_budget(synthetic_2d, budget / 1024 ** 3)
     capsys.readouterr()
     narrow = _trainer(tmp_path / "narrow", arch="unet", width=0.25, epsilon=inf)
@@ -269,10 +270,11 @@ def test_trainer_sizes_the_micro_batch_for_the_network_it_builds(synthetic_2d, u
     for big in (wide, classic):
         record = big.micro_batch_record
         est = MicroBatchEstimate(**record["estimate"])
-        assert est.bytes(3) > budget  # the bigger network does not fit the small one's micro-batch
+        assert est.bytes(3) > usable  # the bigger network does not fit the small one's micro-batch
         assert 1 <= big.patients_per_micro_batch < 3
         n = big.patients_per_micro_batch
-        assert record["estimated_bytes"] == est.bytes(n) and (n == 1 or est.bytes(n) < budget < est.bytes(n + 1))
+        assert record["estimated_bytes"] == est.bytes(n) and (n == 1 or est.bytes(n) < usable < est.bytes(n + 1))
+        assert record["safety_factor"] == memory.SAFETY_FACTOR
     out = capsys.readouterr().out
     assert "micro-batch: " in out and "--arch deeplabv3plus" in out and "sized for its U-Net" in out
     # an explicit value is kept and recorded as such; the estimate is recorded beside it
@@ -307,7 +309,42 @@ def test_run_config_records_the_micro_batch(synthetic_2d, use_roots, tmp_path):
     assert record["patients_per_micro_batch"] == trainer.patients_per_micro_batch >= 1
     assert record["budget_bytes"] == 16 * 1024 ** 3
     assert record["estimate"]["num_parameters"] == sum(p.numel() for p in trainer.model.parameters())
-    assert math.isfinite(record["estimated_bytes"]) and record["estimated_bytes"] <= record["budget_bytes"]
+    assert math.isfinite(record["estimated_bytes"])
+    assert record["estimated_bytes"] * record["safety_factor"] <= record["budget_bytes"]
+
+
+def test_safety_factor_comes_from_the_plan(synthetic_2d, use_roots, tmp_path, monkeypatch):
+    """memory_model.safety_factor scales the usable budget: doubling it roughly halves the micro-batch; a factor
+    below 1 (a budget larger than the memory) is refused by name."""
+    from dpunet.training.trainer import DPTrainer
+
+    use_roots(synthetic_2d)
+    monkeypatch.setattr(DPTrainer, "_check_run_time", lambda self: None)
+    path = synthetic_2d["preprocessed"] / "Task990_Synthetic3D" / "dpunet_plans.json"
+    original = path.read_text()
+    plans = json.loads(original)
+    assert plans["configurations"]["2d"]["memory_model"]["safety_factor"] == memory.SAFETY_FACTOR  # planned
+    try:
+        probe = _trainer(tmp_path / "probe", arch="unet", width=0.25, epsilon=float("inf"))
+        est = MicroBatchEstimate(**probe.micro_batch_record["estimate"])
+        budget_gb = (est.bytes(3) + est.bytes(4)) / 2 / 1024 ** 3  # 3 patients fit it without a margin, 4 do not
+        sizes = {}
+        for factor in (1.0, 4.0, 0.5):
+            plans["configurations"]["2d"]["memory_model"].update(gpu_memory_gb=budget_gb, safety_factor=factor)
+            path.write_text(json.dumps(plans))
+            if factor < 1:
+                with pytest.raises(DpunetError, match="safety_factor must be >= 1"):
+                    _trainer(tmp_path / "refused", arch="unet", width=0.25, epsilon=float("inf"))
+                continue
+            trainer = _trainer(tmp_path / f"f{factor:g}", arch="unet", width=0.25, epsilon=float("inf"))
+            record = trainer.micro_batch_record
+            n = trainer.patients_per_micro_batch
+            assert record["safety_factor"] == factor and record["estimate"] == est.to_dict()
+            assert est.bytes(n) * factor <= record["budget_bytes"] < est.bytes(n + 1) * factor or n == 1
+            sizes[factor] = n
+        assert sizes == {1.0: 3, 4.0: 1}
+    finally:
+        path.write_text(original)
 
 
 def test_budget_is_the_plans_and_on_cuda_at_most_the_free_memory(monkeypatch):

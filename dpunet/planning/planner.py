@@ -109,7 +109,7 @@ def _configuration(name: str, spacing: list[float], median_shape: list[float], t
                        "anisotropy_threshold": ANISOTROPY_THRESHOLD},
         "patients_per_micro_batch": net["patients_per_micro_batch"],
         "batch_size": net["patients_per_micro_batch"] * k,
-        "memory_model": {"gpu_memory_gb": options["gpu_memory_gb"],
+        "memory_model": {"gpu_memory_gb": options["gpu_memory_gb"], "safety_factor": memory.SAFETY_FACTOR,
                          "counts": "activations + weights/optimiser + one gradient per patient in the micro-batch"},
         "oversample_foreground_fraction": 0.33,
         "augmentation": _augmentation(topo.patch_size, anisotropic),

@@ -30,6 +30,7 @@ from dpunet.architectures import (arch_for_configuration, build_network, select_
 from dpunet.evaluation.cross_validation import run_folder_name
 from dpunet.paths import preprocessed_root, results_root
 # importable from here as well: many callers read the plans through the trainer's module
+from dpunet.planning import memory
 from dpunet.planning.plans import load_plans, load_training_inputs  # noqa: F401
 from dpunet.planning.dp_plan import hyperparameter_statement
 from dpunet.planning.splits import fold_cases, split_statement
@@ -240,6 +241,9 @@ class DPTrainer:
         patch, trained subset) fits the memory budget, at least 1. The plan's figure was sized for its U-Net."""
         cfg = self.cfg
         budget, budget_how = self._memory_budget_bytes()
+        safety = float((self.plan_config.get("memory_model") or {}).get("safety_factor", memory.SAFETY_FACTOR))
+        if not safety >= 1.0:
+            raise DpunetError(f"plan memory_model.safety_factor must be >= 1 (got {safety:g})")
         estimate: MicroBatchEstimate | None = None
         try:
             estimate = estimate_micro_batch(self.model, self.task.num_channels, self.plan_config["patch_size"],
@@ -252,22 +256,22 @@ class DPTrainer:
         elif estimate is None:
             n, source = max(1, int(self.plan_config.get("patients_per_micro_batch") or 1)), "plan"
         else:
-            fit = estimate.patients_that_fit(budget, cap=self.num_patients)
+            fit = estimate.patients_that_fit(budget / safety, cap=self.num_patients)
             n, source = max(1, fit), "memory estimate of the built network"
             if fit == 0:
                 warn(f"one patient's {cfg.patches_per_patient} patches need an estimated "
                      f"{estimate.bytes(1) / 1024 ** 3:.1f} GiB with --arch {cfg.arch} --width {cfg.width:g}, more "
-                     f"than the budget ({budget_how}): training may run out of memory; lower --width or "
-                     f"--patches-per-patient")
+                     f"than the budget ({budget_how}) divided by the safety factor {safety:g}: training may run out "
+                     f"of memory; lower --width or --patches-per-patient")
             # the plan caps its figure at the task's patients, the trainer at this fold's
             if n != min(planned or n, self.num_patients) and distributed.is_main_process():
                 tqdm.write(f"micro-batch: {n} patients x {cfg.patches_per_patient} patches fit {budget_how} with "
                            f"--arch {cfg.arch} --width {cfg.width:g} (estimated {estimate.bytes(n) / 1024 ** 3:.3g} "
-                           f"GiB); the plan's {planned} was sized for its U-Net")
+                           f"GiB, safety factor {safety:g}); the plan's {planned} was sized for its U-Net")
         self.patients_per_micro_batch = n
         self.micro_batch_record = {
             "patients_per_micro_batch": n, "set_by": source, "plan_patients_per_micro_batch": planned,
-            "budget_bytes": int(budget), "budget": budget_how,
+            "budget_bytes": int(budget), "budget": budget_how, "safety_factor": safety,
             "estimated_bytes": estimate.bytes(n) if estimate else None,
             "estimate": estimate.to_dict() if estimate else None}
 
