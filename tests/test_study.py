@@ -355,9 +355,12 @@ def test_committed_study_specs_parse_and_cover_the_issue_grid(monkeypatch, tmp_p
     assert len({c.arch for c in cells if c.configuration == "3d_fullres"}) >= 5
     assert len({c.arch for c in cells if c.task == "102"}) >= 6
     assert {c.epsilon for c in cells if c.configuration == "3d_fullres" or c.task == "102"} == {8, math.inf}
-    # a fair comparison: one budget per task and configuration
+    # a fair comparison: one budget per task and configuration, every architecture at one common width, and the
+    # width effect measured on the baseline only
     for key in {(c.task, c.configuration) for c in cells}:
-        assert len({(c.overrides, c.width) for c in cells if (c.task, c.configuration) == key}) == 1
+        assert len({c.overrides for c in cells if (c.task, c.configuration) == key}) == 1
+        assert {c.arch for c in cells if (c.task, c.configuration) == key and c.width != 0.25} <= {"unet"}
+    assert {c.width for c in hippo_2d if c.arch == "unet"} == {0.125, 0.25, 0.5}
     full = load_spec(REPO / "studies" / "full_gpu.yaml")
     assert {c.fold for c in full.cells} == {"0", "1", "2", "3", "4"} and {c.seed for c in full.cells} == {0, 1, 2}
     assert {c.epsilon for c in full.cells} == {1, 2, 4, 8, math.inf} and len(full.cells) == 5700
@@ -435,6 +438,30 @@ def test_width_plot_appears_when_a_study_varies_the_width(tmp_path):
                                          "score_vs_width.png"]
     assert all(p.stat().st_size > 1000 for p in written)
     assert len(make_plots(table, rows[:1], tmp_path / "one", "s")) == 3
+
+
+def test_report_ranks_a_width_study_apart_from_the_common_width():
+    """Cells of the baseline at other widths are their own rows (never pooled into the common width's mean), with
+    their own DP gap and a paired test against the baseline at the common width."""
+    from dpunet.study.report import arch_labels, arch_table
+
+    rows, scores = [], {}
+    cells = [("unet", 0.25, "8", 0.3), ("unet", 0.25, "inf", 0.6), ("unet_ws", 0.25, "8", 0.35),
+             ("unet_ws", 0.25, "inf", 0.7), ("unet", 0.5, "8", 0.2), ("unet", 0.5, "inf", 0.8)]
+    for i, (arch, width, eps, score) in enumerate(cells):
+        key = f"c{i}"
+        rows.append({"key": key, "status": "done", "task": "4", "task_name": "T", "configuration": "2d",
+                     "arch": arch, "epsilon": eps, "width": width, "score": score, "score_metric": "Dice",
+                     "trained_parameters": int(1000 * width)})
+        scores[key] = {f"case{j}": score + 0.01 * j for j in range(6)}
+    labels = arch_labels(rows)
+    assert [labels[f"c{i}"] for i in range(6)] == ["unet", "unet", "unet_ws", "unet_ws", "unet (width 0.5)",
+                                                  "unet (width 0.5)"]
+    table = {(r["epsilon"], r["arch"]): r for r in arch_table(rows, scores)}
+    assert len(table) == 6 and table[("8", "unet")]["mean"] == pytest.approx(0.3)
+    assert table[("8", "unet (width 0.5)")]["mean"] == pytest.approx(0.2)
+    assert table[("8", "unet (width 0.5)")]["dp_gap"] == pytest.approx(0.2 / 0.8)
+    assert table[("8", "unet (width 0.5)")]["n_pairs"] == 6 and math.isnan(table[("8", "unet")]["p_raw"])
 
 
 def test_parallel_cells_start_with_one_cell_per_pretraining_group(tmp_path, monkeypatch):

@@ -228,15 +228,29 @@ def _eps_sort_key(text: str) -> float:
     return math.inf if text == "inf" else float(text)
 
 
+def arch_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """{cell key: the name its architecture is ranked under}: the architecture's name at the width most cells of
+    its task and configuration use, `name (width w)` otherwise, so that a width study is never pooled with the
+    common width's cells (nor compared as if it were the same network)."""
+    widths: dict[tuple, list[float]] = {}
+    for row in rows:
+        widths.setdefault((row["task"], row["configuration"]), []).append(float(row["width"]))
+    common = {key: max(set(ws), key=ws.count) for key, ws in widths.items()}
+    return {row["key"]: row["arch"] if float(row["width"]) == common[(row["task"], row["configuration"])]
+            else f"{row['arch']} (width {float(row['width']):g})" for row in rows}
+
+
 def arch_table(rows: list[dict[str, Any]], scores: dict[str, dict[str, float]],
                counts: Optional[dict[str, dict[str, np.ndarray]]] = None) -> list[dict[str, Any]]:
     """Per (task, configuration, epsilon, arch) over the done cells: mean +- sd of the cells' scores (folds and
     seeds), bootstrap CI over the pooled cases (each case's score averaged over the arch's cells), DP gap and the
     Holm-corrected Wilcoxon p against the baseline."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
+    labels = arch_labels(rows)
     for row in rows:
         if row["status"] == "done" and row.get("score") is not None:
-            groups.setdefault((row["task_name"], row["configuration"], row["epsilon"], row["arch"]), []).append(row)
+            key = (row["task_name"], row["configuration"], row["epsilon"], labels[row["key"]])
+            groups.setdefault(key, []).append(row)
     table = []
     case_means: dict[tuple, dict[str, float]] = {}
     for (task, config, eps, arch), members in groups.items():
@@ -438,6 +452,8 @@ def _width_plot(rows: list[dict[str, Any]], panels: list[tuple[str, str]], folde
                 and r.get("score") is not None]
         for arch, eps in sorted({(r["arch"], r["epsilon"]) for r in done}):
             widths = sorted({r["width"] for r in done if (r["arch"], r["epsilon"]) == (arch, eps)})
+            if len(widths) < 2:  # an architecture at one width has no width effect to show
+                continue
             means = [_nanmean([float(r["score"]) for r in done if (r["arch"], r["epsilon"], r["width"]) ==
                                (arch, eps, w)]) for w in widths]
             ax.plot(widths, means, marker="o", label=f"{arch} ε={eps}")
