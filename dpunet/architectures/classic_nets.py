@@ -48,6 +48,10 @@ from dpunet.utils.errors import DpunetError
 LEVELS = 5  # stem, max pool (+ stage 1), stages 2, 3, 4
 ENCODER_CHANNELS = (32, 32, 64, 128, 256)  # ResNet-18's (64, 64, 128, 256, 512) halved
 BLOCKS_PER_STAGE = (2, 2, 2, 2)  # ResNet-18
+# --encoder-depth: the ResNet whose basic blocks per stage the encoder has (He et al. 2016, table 1)
+ENCODER_DEPTHS = {18: BLOCKS_PER_STAGE, 34: (3, 4, 6, 3)}
+DEFAULT_ENCODER_DEPTH = 18
+OUTPUT_STRIDES = (8, 16)  # --output-stride of the dilated families
 ASPP_RATES = (6, 12, 18)  # at output stride 16; doubled at 8 (Chen et al. 2017/2018)
 PSP_BINS = (1, 2, 3, 6)
 
@@ -347,6 +351,43 @@ def is_classic_arch(name: str) -> bool:
     return name in CLASSIC_ARCHITECTURES
 
 
+def default_output_stride(name: str) -> int | None:
+    """The output stride `--arch name` has without --output-stride (None: not a dilated classic family)."""
+    entry = CLASSIC_ARCHITECTURES.get(name)
+    return entry.output_stride if entry else None
+
+
+def _dilated_names() -> str:
+    return ", ".join(n for n, e in CLASSIC_ARCHITECTURES.items() if e.output_stride)
+
+
+def classic_encoder_options(name: str, output_stride: int | None = None,
+                            encoder_depth: int = DEFAULT_ENCODER_DEPTH) -> tuple[int | None, tuple[int, ...]]:
+    """(output stride, blocks per stage) that `--arch name` is built with for `--output-stride` (None: the
+    family's own) and `--encoder-depth` (18 or 34: ResNet-18- or ResNet-34-like). Both options shape the
+    encoder of the classic families only, and --output-stride that of the dilated ones only (deeplabv3plus,
+    pspnet); any other use is refused with a DpunetError naming the option."""
+    if encoder_depth not in ENCODER_DEPTHS:
+        raise DpunetError(f"--encoder-depth must be one of {', '.join(map(str, ENCODER_DEPTHS))} (a ResNet-18- or "
+                          f"ResNet-34-like encoder), got {encoder_depth!r}")
+    if output_stride is not None and output_stride not in OUTPUT_STRIDES:
+        raise DpunetError(f"--output-stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got "
+                          f"{output_stride!r}")
+    if name not in CLASSIC_ARCHITECTURES:
+        given = [o for o, v, d in (("--output-stride", output_stride, None),
+                                   ("--encoder-depth", encoder_depth, DEFAULT_ENCODER_DEPTH)) if v != d]
+        if given:
+            verb = "shape" if len(given) > 1 else "shapes"
+            raise DpunetError(f"{' and '.join(given)} {verb} the encoder of the classic families "
+                              f"({', '.join(CLASSIC_ARCHITECTURES)}); --arch {name} is not one of them")
+        return None, BLOCKS_PER_STAGE
+    entry = CLASSIC_ARCHITECTURES[name]
+    if output_stride is not None and entry.output_stride is None:
+        raise DpunetError(f"--output-stride {output_stride}: --arch {name} has no dilated encoder (it keeps every "
+                          f"stride); the option exists for the dilated families {_dilated_names()} only")
+    return output_stride or entry.output_stride, ENCODER_DEPTHS[encoder_depth]
+
+
 def _scale(channels: Sequence[int], width: float, multiple: int) -> list[int]:
     """Channels times the width, rounded to a positive multiple of `multiple` (GroupNorm's group count)."""
     return [max(multiple, int(round(c * width / multiple)) * multiple) for c in channels]
@@ -444,10 +485,9 @@ def classic_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int]
     if int(num_groups) < 1:
         raise DpunetError(f"--arch {name}: the GroupNorm group count must be at least 1, got {num_groups}")
     entry = CLASSIC_ARCHITECTURES[name]
-    if output_stride is not None and (entry.output_stride is None or output_stride not in (8, 16)):
-        dilated = ", ".join(n for n, e in CLASSIC_ARCHITECTURES.items() if e.output_stride)
-        raise DpunetError(f"--arch {name}: output stride {output_stride} is not an option (only 8 or 16, for the "
-                          f"dilated families {dilated})")
+    if output_stride is not None and (entry.output_stride is None or output_stride not in OUTPUT_STRIDES):
+        raise DpunetError(f"--arch {name}: --output-stride {output_stride} is not an option (only 8 or 16, for the "
+                          f"dilated families {_dilated_names()})")
     output_stride = output_stride or entry.output_stride
     if len(blocks_per_stage) != LEVELS - 1 or any(int(b) < 1 for b in blocks_per_stage):
         raise DpunetError(f"--arch {name}: blocks_per_stage must be {LEVELS - 1} positive counts, got "

@@ -12,7 +12,8 @@ import copy
 import math
 from typing import Any, Sequence
 
-from dpunet.architectures.classic_nets import CLASSIC_ARCHITECTURES, classic_spec
+from dpunet.architectures.classic_nets import (CLASSIC_ARCHITECTURES, DEFAULT_ENCODER_DEPTH, classic_encoder_options,
+                                               classic_spec)
 from dpunet.architectures.monai_nets import (MONAI_ARCHITECTURES, MONAI_CLASS_NAME, monai_deep_supervision_outputs,
                                           monai_spec)
 from dpunet.utils.errors import DpunetError
@@ -87,7 +88,8 @@ def architecture_names() -> list[str]:
 
 def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float = 1.0,
                  patch_size: Sequence[int] | None = None, image_size: Sequence[float] | None = None,
-                 dp_norm: str = "group", num_groups: int = 8) -> dict[str, Any]:
+                 dp_norm: str = "group", num_groups: int = 8, output_stride: int | None = None,
+                 encoder_depth: int = DEFAULT_ENCODER_DEPTH) -> dict[str, Any]:
     """A new architecture spec: the planned `arch_spec` with the preset's axes and widened features.
 
     A MONAI name (dpunet.architectures.monai_nets) gives a "MonaiNet" spec built from the plan's topology and
@@ -96,7 +98,8 @@ def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float
     and the spec's "patch_size" says which one it is built for (`configuration_for_arch`).
     `dp_norm` ("group" or "instance") and `num_groups` choose the per-sample norm that replaces BatchNorm in
     the converted networks (MONAI, classic families); dpunet's U-Nets choose their norm by preset name and
-    refuse other values.
+    refuse other values. `output_stride` (8 or 16; None: the family's own) and `encoder_depth` (18 or 34)
+    shape the classic families' encoder (`classic_encoder_options`); every other name refuses them.
 
     Switching between the plain and the residual U-Net maps convs per stage to residual blocks per stage
     (ceil(convs/2); a block holds two convs) and back (2 per block). The features are multiplied by
@@ -108,12 +111,14 @@ def apply_preset(arch_spec: dict[str, Any], preset: str, width_multiplier: float
         raise DpunetError(f"architecture spec must have 'class_name' and 'kwargs', got {arch_spec!r}")
     if not (isinstance(width_multiplier, (int, float)) and math.isfinite(width_multiplier) and width_multiplier > 0):
         raise DpunetError(f"width multiplier must be a positive number, got {width_multiplier!r}")
+    output_stride, blocks = classic_encoder_options(preset, output_stride, encoder_depth)
     if preset in MONAI_ARCHITECTURES:
         return monai_spec(preset, arch_spec, patch_size, float(width_multiplier), dp_norm, num_groups,
                           image_size=image_size)
 
     if preset in CLASSIC_ARCHITECTURES:  # DeepLabV3+, FPN, PSPNet, LinkNet: built for the plan's patch size
-        return classic_spec(preset, arch_spec, patch_size, float(width_multiplier), dp_norm, num_groups)
+        return classic_spec(preset, arch_spec, patch_size, float(width_multiplier), dp_norm, num_groups, blocks,
+                            output_stride)
 
     if (dp_norm, int(num_groups)) != ("group", 8):
         raise DpunetError(f"--dp-norm/--norm-groups choose the norm that replaces BatchNorm in converted networks "
@@ -151,12 +156,13 @@ def configuration_image_size(plan_config: dict[str, Any]) -> list[float] | None:
 
 
 def arch_for_configuration(plan_config: dict[str, Any], preset: str, width_multiplier: float = 1.0,
-                           dp_norm: str = "group", num_groups: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:
+                           dp_norm: str = "group", num_groups: int = 8, output_stride: int | None = None,
+                           encoder_depth: int = DEFAULT_ENCODER_DEPTH) -> tuple[dict[str, Any], dict[str, Any]]:
     """(architecture spec, plan configuration it trains and predicts with) of `preset` for a plan
     configuration: the configuration is `plan_config` itself, or a copy with the spec's adapted patch size
     (`configuration_for_arch`)."""
     spec = apply_preset(plan_config["architecture"], preset, width_multiplier, plan_config["patch_size"],
-                        configuration_image_size(plan_config), dp_norm, num_groups)
+                        configuration_image_size(plan_config), dp_norm, num_groups, output_stride, encoder_depth)
     return spec, configuration_for_arch(plan_config, spec)
 
 

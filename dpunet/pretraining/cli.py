@@ -3,7 +3,7 @@
 Pretrains the task's planned network, non-privately, on images of random processes (no patient data, no
 privacy cost). dpunet_train does this itself when the plan says `init_from: random_images` (the default);
 this command makes the checkpoint ahead of time, or with other settings for dpunet_train --init-from FILE
-(same -c, --arch and --width).
+(same -c, --arch, --width and network options: --dp-norm, --norm-groups, --output-stride, --encoder-depth).
 """
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-norm", default=defaults.dp_norm, choices=["group", "instance"],
                    help="norm replacing BatchNorm in converted networks, as for dpunet_train")
     p.add_argument("--norm-groups", type=int, default=defaults.norm_groups, help="GroupNorm groups, as for dpunet_train")
+    p.add_argument("--output-stride", type=int, default=defaults.output_stride, choices=[8, 16],
+                   help="dilated classic families' output stride, as for dpunet_train (the family's own)")
+    p.add_argument("--encoder-depth", type=int, default=defaults.encoder_depth, choices=[18, 34],
+                   help="classic families' encoder depth, as for dpunet_train (18)")
     p.add_argument("--steps", type=int, default=None, help="plan default (training.pretraining_steps)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="random images per step (plan default, training.pretraining_batch_size)")
@@ -40,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint path (default $DPUNET_RESULTS/<task>/pretrained/<arch>__<config>__width<w>"
                         "__random_images__steps<T>__seed<s>.pt, where dpunet_train looks for it)")
     return p
+
+
+def network_options(cfg: PretrainingConfig) -> str:
+    """The non-default network options of `cfg` as dpunet_train arguments (the DP run must build the same network)."""
+    defaults = PretrainingConfig()
+    pairs = (("--dp-norm", cfg.dp_norm, defaults.dp_norm), ("--norm-groups", cfg.norm_groups, defaults.norm_groups),
+             ("--output-stride", cfg.output_stride, defaults.output_stride),
+             ("--encoder-depth", cfg.encoder_depth, defaults.encoder_depth))
+    return "".join(f" {option} {value}" for option, value, default in pairs if value != default)
 
 
 @cli_entry
@@ -55,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size or plan.get("pretraining_batch_size", fallback.batch_size),
         learning_rate=args.learning_rate or plan.get("pretraining_learning_rate", fallback.learning_rate),
         deep_supervision=args.deep_supervision, seed=args.seed, device=device, dp_norm=args.dp_norm,
-        norm_groups=args.norm_groups)
+        norm_groups=args.norm_groups, output_stride=args.output_stride, encoder_depth=args.encoder_depth)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise DpunetError("--steps and --batch-size must be at least 1")
     output = args.output or pretrained_checkpoint_path(task_name, configuration, cfg)
@@ -63,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretrained {cfg.steps} steps in {summary['seconds']:.0f} s: loss {summary['loss_first_20_steps']:.3f} "
           f"-> {summary['loss_last_20_steps']:.3f}")
     print(f"checkpoint: {output}")
-    print(f"next: dpunet_train {task_name} FOLD -c {configuration} --arch {args.arch} --width {args.width:g} "
-          f"--eps 8 --init-from {output}" + ("" if args.output else f"  (or --init-from random_images "
-                                                                  f"--pretraining-steps {cfg.steps})"))
+    cached = "" if args.output else f"  (or --init-from random_images --pretraining-steps {cfg.steps})"
+    print(f"next: dpunet_train {task_name} FOLD -c {configuration} --arch {args.arch} --width {args.width:g}"
+          f"{network_options(cfg)} --eps 8 --init-from {output}{cached}")
     return 0
 
 

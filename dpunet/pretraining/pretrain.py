@@ -19,7 +19,7 @@ from tqdm import tqdm
 import dpunet
 from dpunet.architectures import (arch_for_configuration, build_network, is_monai_arch, monai_has_deep_supervision,
                                   supervision_levels)
-from dpunet.architectures.classic_nets import is_classic_arch
+from dpunet.architectures.classic_nets import DEFAULT_ENCODER_DEPTH, default_output_stride, is_classic_arch
 from dpunet.paths import results_root
 from dpunet.pretraining.random_images import random_segmentation_batch
 from dpunet.learning.checkpoint import save_checkpoint
@@ -47,6 +47,17 @@ class PretrainingConfig:
     # the per-sample norm replacing BatchNorm in converted networks (dpunet_train --dp-norm, --norm-groups)
     dp_norm: str = "group"
     norm_groups: int = 8
+    # the classic families' encoder (dpunet_train --output-stride, None: the family's own; --encoder-depth)
+    output_stride: int | None = None
+    encoder_depth: int = DEFAULT_ENCODER_DEPTH
+
+
+def _encoder_suffix(cfg: PretrainingConfig) -> str:
+    # another output stride or depth is another network (depth: other tensors; stride: the same tensors, dilated)
+    stride = "" if cfg.output_stride in (None, default_output_stride(cfg.arch)) else \
+        f"__output-stride{cfg.output_stride}"
+    depth = "" if cfg.encoder_depth == DEFAULT_ENCODER_DEPTH else f"__encoder-depth{cfg.encoder_depth}"
+    return stride + depth
 
 
 def pretrained_checkpoint_path(task_name: str, configuration: str, cfg: PretrainingConfig) -> Path:
@@ -55,8 +66,8 @@ def pretrained_checkpoint_path(task_name: str, configuration: str, cfg: Pretrain
     # GroupNorm and InstanceNorm weights have the same names and shapes: a non-default norm gets its own file
     norm = "" if (cfg.dp_norm, cfg.norm_groups) == ("group", 8) else \
         "__norm-instance" if cfg.dp_norm == "instance" else f"__norm-group{cfg.norm_groups}"
-    name = (f"{cfg.arch}__{configuration}__width{cfg.width:g}{norm}__random_images__steps{cfg.steps}"
-            f"__seed{cfg.seed}.pt")
+    name = (f"{cfg.arch}__{configuration}__width{cfg.width:g}{norm}{_encoder_suffix(cfg)}__random_images"
+            f"__steps{cfg.steps}__seed{cfg.seed}.pt")
     return results_root() / task_name / "pretrained" / name
 
 
@@ -67,7 +78,8 @@ def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, nu
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     # the patch the network is built for (a MONAI network may adapt the plan's, as dpunet_train does)
-    arch, plan_config = arch_for_configuration(plan_config, cfg.arch, cfg.width, cfg.dp_norm, cfg.norm_groups)
+    arch, plan_config = arch_for_configuration(plan_config, cfg.arch, cfg.width, cfg.dp_norm, cfg.norm_groups,
+                                               cfg.output_stride, cfg.encoder_depth)
     patch = plan_config["patch_size"]
     # MONAI networks other than DynUNet and the classic families give one output (as in dpunet_train)
     deep_supervision = cfg.deep_supervision and not ((is_monai_arch(cfg.arch) and not monai_has_deep_supervision(

@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm-groups", type=int, default=None,
                    help="GroupNorm groups for --dp-norm group: the largest divisor of each layer's channels up to "
                         "this (8)")
+    p.add_argument("--output-stride", type=int, default=None, choices=[8, 16],
+                   help="output stride of the dilated classic families' encoder (deeplabv3plus: 16, pspnet: 8); "
+                        "its later strides become dilations")
+    p.add_argument("--encoder-depth", type=int, default=None, choices=[18, 34],
+                   help="classic families' encoder: ResNet-18-like (18: 2, 2, 2, 2 blocks per stage) or "
+                        "ResNet-34-like (34: 3, 4, 6, 3)")
     p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
                    help="parameters DP-SGD updates; the rest keep their seeded initialisation (all)")
     p.add_argument("--init-from", default=None, metavar="random_images|none|CHECKPOINT",

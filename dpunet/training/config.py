@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from dpunet.architectures.classic_nets import is_classic_arch
+from dpunet.architectures.classic_nets import DEFAULT_ENCODER_DEPTH, classic_encoder_options, is_classic_arch
 from dpunet.architectures.dp_conversion import DP_NORMS
 from dpunet.architectures.monai_nets import is_monai_arch, monai_has_deep_supervision
 from dpunet.pretraining.pretrain import PretrainingConfig
@@ -28,6 +28,9 @@ class TrainingConfig:
     # the per-sample norm that replaces BatchNorm in converted networks (MONAI, classic families)
     dp_norm: str = "group"
     norm_groups: int = 8
+    # the classic families' encoder: output stride 8 or 16 (dilated families; None: the family's own) and depth
+    output_stride: int | None = None
+    encoder_depth: int = DEFAULT_ENCODER_DEPTH
     trainable: str = "all"
     init_from: str = "none"
     pretraining_steps: int = PRETRAINING_DEFAULTS.steps
@@ -123,6 +126,8 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
         raise DpunetError(f"--dp-norm must be one of {', '.join(DP_NORMS)}, got {cfg.dp_norm!r}")
     if cfg.norm_groups < 1:
         raise DpunetError(f"--norm-groups must be at least 1, got {cfg.norm_groups}")
+    # refused here, before any data is read, for an arch that lacks them; the family's own stride is recorded
+    cfg.output_stride = classic_encoder_options(cfg.arch, cfg.output_stride, cfg.encoder_depth)[0]
     if cfg.steps < 1:
         raise DpunetError("--steps must be at least 1")
     if cfg.patches_per_patient < 1:

@@ -73,8 +73,8 @@ NOISE_NORM_WARNING = 2.0
 # the memory budget of plans made before the plan recorded one (dpunet_plan's --gpu-memory-gb default)
 DEFAULT_MEMORY_GB = 16.0
 # options that shape the weights or the optimiser state a checkpoint holds
-RESUME_FIXED_OPTIONS = ("arch", "width", "dp_norm", "norm_groups", "trainable", "init_from", "pretraining_steps",
-                        "deep_supervision", "optimizer")
+RESUME_FIXED_OPTIONS = ("arch", "width", "dp_norm", "norm_groups", "output_stride", "encoder_depth", "trainable",
+                        "init_from", "pretraining_steps", "deep_supervision", "optimizer")
 
 
 class DPTrainer:
@@ -166,7 +166,8 @@ class DPTrainer:
         cfg = self.cfg
         return PretrainingConfig(arch=cfg.arch, width=cfg.width, steps=cfg.pretraining_steps,
                                  batch_size=cfg.pretraining_batch_size, learning_rate=cfg.pretraining_learning_rate,
-                                 seed=cfg.seed, device=cfg.device, dp_norm=cfg.dp_norm, norm_groups=cfg.norm_groups)
+                                 seed=cfg.seed, device=cfg.device, dp_norm=cfg.dp_norm, norm_groups=cfg.norm_groups,
+                                 output_stride=cfg.output_stride, encoder_depth=cfg.encoder_depth)
 
     def _initial_weights_path(self) -> Path | None:
         """None (random initialisation), the given checkpoint, or the cached random-image pretraining (made by
@@ -193,7 +194,7 @@ class DPTrainer:
         # configuration is the one with the network's patch size
         planned = self.plan_config
         self.arch, self.plan_config = arch_for_configuration(planned, cfg.arch, cfg.width, cfg.dp_norm,
-                                                             cfg.norm_groups)
+                                                             cfg.norm_groups, cfg.output_stride, cfg.encoder_depth)
         if self.plan_config is not planned and distributed.is_main_process():
             tqdm.write(f"patch size adapted: {self.arch['patch_size_adapted_because']}")
         self.num_classes = self.task.num_classes
