@@ -57,6 +57,18 @@ def test_output_stride_reaches_strides_dilations_and_feature_maps(name, default)
             assert kwargs["aspp_rates"] == [[min(r * 16 // stride, 64 // stride - 1)] * 2 for r in (6, 12, 18)]
 
 
+@pytest.mark.parametrize("name,other", [("deeplabv3plus", 8), ("pspnet", 16)])
+def test_a_patch_without_a_stride_to_trade_warns_that_the_option_changes_nothing(name, other, capsys):
+    # 16x16: the encoder halves 16 -> 8 -> 4 -> 2 and stops (stride 8 in all), as on the hippocampus plans
+    small = [apply_preset(plan_config(2, 16)["architecture"], name, WIDTH, [16, 16], output_stride=s)["kwargs"]
+             for s in (None, other)]
+    assert {**small[0], "output_stride": 0} == {**small[1], "output_stride": 0}  # the same network
+    assert f"--output-stride {other} builds the same --arch {name}" in capsys.readouterr().err
+    large = [apply_preset(plan_config(2, 64)["architecture"], name, WIDTH, [64, 64], output_stride=s)["kwargs"]
+             for s in (None, other)]
+    assert large[0]["strides"] != large[1]["strides"] and "dpunet warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["deeplabv3plus", "fpn", "pspnet", "linknet"])
 @pytest.mark.parametrize("dim", [2, 3])
 def test_encoder_depth_34_adds_resnet34s_blocks(name, dim):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpunet.architectures.dp_conversion import DP_NORMS, largest_divisor_at_most
-from dpunet.utils.errors import DpunetError
+from dpunet.utils.errors import DpunetError, warn
 
 LEVELS = 5  # stem, max pool (+ stage 1), stages 2, 3, 4
 ENCODER_CHANNELS = (32, 32, 64, 128, 256)  # ResNet-18's (64, 64, 128, 256, 512) halved
@@ -510,7 +510,22 @@ def classic_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int]
                    "blocks_per_stage": [int(b) for b in blocks_per_stage], "dp_norm": dp_norm,
                    "num_groups": int(num_groups), "required_divisor": divisor}
     spec_kwargs.update(_family_kwargs(name, width, multiple, _sizes(patch, strides), output_stride))
+    if output_stride != entry.output_stride:
+        _warn_if_same_network(name, plan_arch, patch, width, dp_norm, num_groups, blocks_per_stage, output_stride,
+                              spec_kwargs)
     return {"class_name": entry.class_name, "kwargs": spec_kwargs, "preset": name, "width_multiplier": float(width)}
+
+
+def _warn_if_same_network(name: str, plan_arch: dict[str, Any], patch: list[int], width: float, dp_norm: str,
+                          num_groups: int, blocks_per_stage: Sequence[int], output_stride: int | None,
+                          kwargs: dict[str, Any]) -> None:
+    # a patch the encoder reduces by 8 at most has no stride to trade for dilation at either output stride (the
+    # hippocampus plans): say so rather than let a run believe it tested the other stride
+    default = classic_spec(name, plan_arch, patch, width, dp_norm, num_groups, blocks_per_stage)["kwargs"]
+    if {**default, "output_stride": None} == {**kwargs, "output_stride": None}:
+        warn(f"--output-stride {output_stride} builds the same --arch {name} as its default "
+             f"{CLASSIC_ARCHITECTURES[name].output_stride} for the patch {patch}: the encoder reduces it by "
+             f"{kwargs['required_divisor']} in all, so no stride is traded for dilation")
 
 
 def _register() -> None:
