@@ -12,8 +12,8 @@
                           for Efficient Semantic Segmentation", VCIP): decoder blocks added to encoder levels
 
 The encoder (`ResNetEncoder`) is ResNet-18-like (He et al. 2016: basic residual blocks, 2 per stage, a stem
-and a max pool before the first stage) at half ResNet's channels at width 1 (32, 32, 64, 128, 256), with a
-3x3 stem instead of 7x7 (medical patches are small; a 7x7x7 stem would dominate 3D cost). DP fitness: a
+and a max pool before the first stage; ResNet-34's 3, 4, 6, 3 with --encoder-depth 34) at half ResNet's
+channels at width 1 (32, 32, 64, 128, 256), with a 3x3 stem instead of 7x7 (medical patches are small; a 7x7x7 stem would dominate 3D cost). DP fitness: a
 per-sample norm (GroupNorm by default, InstanceNorm without running statistics by option), ReLU with
 inplace=False, no BatchNorm, no dropout. Branches that act on a globally pooled (single-voxel) map, ASPP's
 image pooling and PSPNet's bin-1 pyramid level, use a conv with bias and no norm: a per-sample norm over one
