@@ -234,10 +234,17 @@ def test_loader_benchmark_compares_delivery_with_consumption(env, capsys):
     assert "consumes" in out and "0 worker(s), delivers" in out
 
 
-def test_run_time_is_estimated_before_training_and_max_hours_refuses(env, tmp_path, capsys):
+def test_run_time_is_estimated_before_training_and_max_hours_refuses(env, tmp_path, capsys, monkeypatch):
+    from dpunet.privacy.engines.functorch_vmap import FunctorchEngine
+
+    sizes, accumulate = [], FunctorchEngine.accumulate
+    monkeypatch.setattr(FunctorchEngine, "accumulate",
+                        lambda self, batch: sizes.append(batch.num_patients) or accumulate(self, batch))
     trainer = make_trainer(tmp_path, init_from="random_images", pretraining_steps=3, pretraining_batch_size=2)
     estimate = trainer.run_time_estimate
     assert estimate.steps == STEPS and estimate.patients_per_step == 3 and estimate.patches_per_patient == 2
+    # timed on the run's micro-batch, min(2 per micro-batch, 3 per step), after a one-patient probe and a warm-up
+    assert sizes == [1, 2, 2] and estimate.timed_patients == estimate.micro_batch_patients == 2
     assert estimate.seconds_per_patient > 0 and estimate.noise_seconds_per_step > 0
     assert estimate.pretraining_steps == 3 and estimate.pretraining_seconds_per_step > 0
     assert "estimated wall time on cpu" in capsys.readouterr().out

@@ -1,8 +1,12 @@
 """How long will this run take here? A measured estimate, printed before any long work starts.
 
-The trainer times its own gradient engine on shape-only data (one patient's K patches, no private data) and the
-non-private forward/backward that pretraining repeats, then multiplies by the plan: expected patients per step,
-steps, pretraining steps. A default run planned for a GPU can take many hours on a CPU; the estimate says so
+The trainer times its own gradient engine on shape-only data (no private data) at the size of the run's real
+micro-batch (`min(patients per micro-batch, patients per step)` patients of K patches, after one untimed warm-up
+at that size), and the non-private forward/backward that pretraining repeats, then multiplies by the plan:
+expected patients per step, steps, pretraining steps. One patient alone is not enough: a micro-batch holds the
+per-patient gradients of all its patients at once, the fast engine takes another path for one patient (a plain
+backward) than for several, and it plans its layer implementations per micro-batch shape; a 45.6M-parameter
+VNet took 351 s for a real first step against 6.8 s estimated from one patient. A default run planned for a GPU can take many hours on a CPU; the estimate says so
 before the first pretraining step, and names the reduced recipe that was measured on a 2-core CPU
 (documentation/results.md). `--max-hours` turns the warning into a refusal.
 """
@@ -23,6 +27,9 @@ CPU_RECIPES = {
     2: "--width 0.25 --steps 300",
     3: "--width 0.25 --steps 150 --patches-per-patient 1 --patients-per-step 32",
 }
+# a one-patient warm-up longer than this: time one patient only, so the estimate itself stays short (a real-size
+# micro-batch would cost warm-up + timed run = twice the micro-batch's patients at this rate)
+LONG_PATIENT_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,9 @@ class RunTimeEstimate:
     noise_seconds_per_step: float
     pretraining_steps: int
     pretraining_seconds_per_step: float
+    # patients in the timed micro-batch, and in the run's micro-batch (fewer timed when one patient took long)
+    timed_patients: int = 1
+    micro_batch_patients: int = 1
 
     @property
     def step_seconds(self) -> float:
@@ -73,21 +83,43 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def best_seconds(action: Callable[[], Any], device: torch.device, repeats: int = 1) -> float:
-    """Best wall time of `action` over `repeats` runs after one warm-up (allocations, lazy plans, autotuning)."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def _sync(device: torch.device) -> None:
+    # CUDA runs asynchronously: wait for the work before reading the clock
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    action()
+
+def best_seconds(action: Callable[[], Any], device: torch.device, repeats: int = 1, warm_up: bool = True) -> float:
+    """Best wall time of `action` over `repeats` runs after one warm-up (allocations, lazy plans, autotuning)."""
+    if warm_up:
+        action()
     best = math.inf
     for _ in range(max(1, repeats)):
-        sync()
+        _sync(device)
         start = time.perf_counter()
         action()
-        sync()
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def seconds_per_patient_at(accumulate: Callable[[int], Any], patients: int, device: torch.device,
+                           long_seconds: float = LONG_PATIENT_SECONDS) -> tuple[float, int]:
+    """(seconds per patient, patients timed) of `accumulate(n)` (one micro-batch of n shape-only patients).
+
+    One patient first, untimed for the result but watched: when it takes longer than `long_seconds`, one more
+    one-patient run is timed and nothing larger is tried (bounded cost). Otherwise one untimed warm-up of the
+    full `patients` (allocations, the engine's per-shape planning), then one timed run of it, per patient.
+    """
+    patients = max(1, int(patients))
+    _sync(device)
+    start = time.perf_counter()
+    accumulate(1)
+    _sync(device)
+    one_patient_warm_up = time.perf_counter() - start
+    if patients == 1 or one_patient_warm_up > long_seconds:
+        return best_seconds(lambda: accumulate(1), device, warm_up=False), 1
+    return best_seconds(lambda: accumulate(patients), device) / patients, patients
 
 
 def describe_estimate(estimate: RunTimeEstimate) -> str:
@@ -96,10 +128,19 @@ def describe_estimate(estimate: RunTimeEstimate) -> str:
     detail = (f"{estimate.steps} DP steps x {estimate.step_seconds:.2f} s ({estimate.patients_per_step} patients x "
               f"{estimate.patches_per_patient} patches at {estimate.seconds_per_patient:.3f} s per patient, noise "
               f"{estimate.noise_seconds_per_step:.3f} s)")
+    detail += f"; {timing_basis(estimate)}"
     if estimate.pretraining_steps:
         detail = (f"pretraining {format_duration(estimate.pretraining_seconds)} ({estimate.pretraining_steps} steps) "
                   f"+ " + detail)
     return f"{parts[0]} = {detail}; validation and checkpoints not included"
+
+
+def timing_basis(estimate: RunTimeEstimate) -> str:
+    """What the per-patient figure was timed on."""
+    if estimate.timed_patients >= estimate.micro_batch_patients:
+        return f"timed on a micro-batch of {estimate.timed_patients} patient(s), the run's size"
+    return (f"timed on 1 patient only, not the run's micro-batch of {estimate.micro_batch_patients}: its warm-up "
+            f"took over {LONG_PATIENT_SECONDS:g} s, and larger micro-batches can cost more per patient")
 
 
 def cpu_advice(estimate: RunTimeEstimate, dim: int) -> str | None:

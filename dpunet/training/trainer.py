@@ -53,7 +53,8 @@ from dpunet.training.ema import WeightEMA
 from dpunet.training.initialisation import load_initial_weights
 from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.training.progress import TrainingLog, plot_progress
-from dpunet.training.runtime_estimate import RunTimeEstimate, best_seconds, cpu_advice, describe_estimate
+from dpunet.training.runtime_estimate import (RunTimeEstimate, best_seconds, cpu_advice, describe_estimate,
+                                              seconds_per_patient_at)
 from dpunet.learning.schedule import lr_factor, make_optimizer
 from dpunet.utils.errors import DpunetError, warn
 from dpunet.utils.files import write_json, write_text
@@ -286,9 +287,20 @@ class DPTrainer:
 
     def estimate_run_time(self) -> RunTimeEstimate:
         """This run's wall time on its device, from timings of the engine, the noise and a non-private
-        forward/backward on shape-only data (no private data is read)."""
+        forward/backward on shape-only data (no private data is read). The engine is timed on a micro-batch of
+        the run's size: per patient, a large network's micro-batch costs more than one patient alone."""
         cfg, batch = self.cfg, self._shape_only_batch()
-        per_patient = best_seconds(lambda: self.engine.accumulate(batch), self.device)
+        patients_here = math.ceil(cfg.patients_per_step / distributed.world_size())
+        micro_batch = max(1, min(self.patients_per_micro_batch, patients_here))
+        batches = {1: batch}
+
+        def accumulate(patients: int) -> None:
+            if patients not in batches:
+                batches[patients] = self._shape_only_batch(patients)
+            self.engine.accumulate(batches[patients])
+
+        per_patient, timed = seconds_per_patient_at(accumulate, micro_batch, self.device)
+        del batches
         self.engine.zero()
         noise = 0.0
         if cfg.private:
@@ -301,12 +313,12 @@ class DPTrainer:
         if pretraining_steps:
             plain = benchmark_engines(self.model, self.loss_fn, None, batch, names=["nonprivate"], repeats=1)
             per_pretraining_step = plain["nonprivate"] * cfg.pretraining_batch_size / cfg.patches_per_patient
-        patients_here = math.ceil(cfg.patients_per_step / distributed.world_size())
         return RunTimeEstimate(device=self.device.type, seconds_per_patient=per_patient,
                                patients_per_step=patients_here, patches_per_patient=cfg.patches_per_patient,
                                steps=cfg.steps, noise_seconds_per_step=noise, pretraining_steps=pretraining_steps,
                                pretraining_seconds_per_step=per_pretraining_step if math.isfinite(
-                                   per_pretraining_step) else 0.0)
+                                   per_pretraining_step) else 0.0,
+                               timed_patients=timed, micro_batch_patients=micro_batch)
 
     def _check_run_time(self) -> None:
         """Print the estimate (with the CPU recipe when a CPU run would take hours); refuse beyond --max-hours."""
@@ -323,13 +335,13 @@ class DPTrainer:
             raise DpunetError(f"--max-hours {cfg.max_hours:g}: {describe_estimate(estimate)}; at this setting "
                               f"{fit} steps fit (--steps {fit}), or lower --width / --patches-per-patient")
 
-    def _shape_only_batch(self) -> PatientBatch:
-        """Random data with the shapes of one patient's K patches: engine auto-selection times the engines on
-        it, so the choice depends on shapes only and never touches private data."""
+    def _shape_only_batch(self, patients: int = 1) -> PatientBatch:
+        """Random data with the shapes of `patients` patients' K patches: engine auto-selection and the run-time
+        estimate time the engines on it, so they depend on shapes only and never touch private data."""
         pc, k = self.plan_config, self.cfg.patches_per_patient
         generator = torch.Generator().manual_seed(0)
-        data = torch.randn(1, k, self.task.num_channels, *pc["patch_size"], generator=generator)
-        seg = torch.randint(0, self.num_classes, (1, k, 1, *pc["patch_size"]), generator=generator)
+        data = torch.randn(patients, k, self.task.num_channels, *pc["patch_size"], generator=generator)
+        seg = torch.randint(0, self.num_classes, (patients, k, 1, *pc["patch_size"]), generator=generator)
         n_out, strides = supervision_levels(self.arch, self.cfg.deep_supervision, len(pc["patch_size"]))
         targets = downsample_seg_for_deep_supervision(seg, strides, n_out)
         return PatientBatch(data.to(self.device), [t.to(self.device) for t in targets])
