@@ -443,7 +443,7 @@ def test_width_plot_appears_when_a_study_varies_the_width(tmp_path):
 def test_report_ranks_a_width_study_apart_from_the_common_width():
     """Cells of the baseline at other widths are their own rows (never pooled into the common width's mean), with
     their own DP gap and a paired test against the baseline at the common width."""
-    from dpunet.study.report import arch_labels, arch_table
+    from dpunet.study.report import arch_labels, arch_table, summary_tables
 
     rows, scores = [], {}
     cells = [("unet", 0.25, "8", 0.3), ("unet", 0.25, "inf", 0.6), ("unet_ws", 0.25, "8", 0.35),
@@ -462,6 +462,11 @@ def test_report_ranks_a_width_study_apart_from_the_common_width():
     assert table[("8", "unet (width 0.5)")]["mean"] == pytest.approx(0.2)
     assert table[("8", "unet (width 0.5)")]["dp_gap"] == pytest.approx(0.2 / 0.8)
     assert table[("8", "unet (width 0.5)")]["n_pairs"] == 6 and math.isnan(table[("8", "unet")]["p_raw"])
+    # the summary: one row per ranked name, ranked by the private score, with each DP gap
+    summary = summary_tables(list(table.values()))
+    rows_md = [line for line in summary if line.startswith("| unet")]
+    assert rows_md == ["| unet_ws | 0.350 | 0.700 | 0.50 | 250 |", "| unet | 0.300 | 0.600 | 0.50 | 250 |",
+                       "| unet (width 0.5) | 0.200 | 0.800 | 0.25 | 500 |"]
 
 
 def test_parallel_cells_start_with_one_cell_per_pretraining_group(tmp_path, monkeypatch):

@@ -309,6 +309,36 @@ def _p(value: float) -> str:
     return f"{value:.2g}" if value < 0.01 else f"{value:.3f}"
 
 
+def summary_tables(table: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: per task and configuration, one row per architecture and one column per epsilon (mean
+    score over its cells), the DP gap at each finite epsilon and the trained parameters; ranked by the score at
+    the largest finite epsilon (the private setting the study is about), then the non-private one."""
+    lines = ["## Summary", ""]
+    for task, config in _panels(table):
+        members = [r for r in table if (r["task"], r["configuration"]) == (task, config)]
+        eps_order = sorted({r["epsilon"] for r in members}, key=_eps_sort_key)
+        finite = [e for e in eps_order if e != "inf"]
+        cell = {(r["arch"], r["epsilon"]): r for r in members}
+
+        def rank_key(arch: str) -> tuple:
+            scores = [cell[(arch, e)]["mean"] if (arch, e) in cell else -1.0 for e in (finite[-1:] + ["inf"])]
+            return tuple(-v for v in scores)
+
+        archs = sorted({r["arch"] for r in members}, key=rank_key)
+        lines += [f"**{task} {config}** ({members[0]['score_metric']}; cells per entry in the tables below)", "",
+                  "| architecture | " + " | ".join(f"ε={e}" for e in eps_order) + " | "
+                  + " | ".join(f"DP gap ε={e}" for e in finite) + " | trained parameters |",
+                  "|---" * (2 + len(eps_order) + len(finite)) + "|"]
+        for arch in archs:
+            scores = [_f(cell[(arch, e)]["mean"]) if (arch, e) in cell else "-" for e in eps_order]
+            gaps = [_f(cell[(arch, e)]["dp_gap"], 2) if (arch, e) in cell else "-" for e in finite]
+            params = next((r["parameters"] for r in members if r["arch"] == arch and r["parameters"] is not None),
+                          "-")
+            lines.append(f"| {arch} | " + " | ".join(scores + gaps) + f" | {params} |")
+        lines.append("")
+    return lines
+
+
 def format_report(spec: StudySpec, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> str:
     states = [r["status"] for r in rows]
     lines = [f"# Study {spec.name}", ""]
@@ -324,6 +354,7 @@ def format_report(spec: StudySpec, rows: list[dict[str, Any]], table: list[dict[
               "set (imagesTs/labelsTs) where it has one.", ""]
     if spec.budget_note:
         lines += [f"Budget: {spec.budget_note.strip()}", ""]
+    lines += summary_tables(table)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in table:
         groups.setdefault((r["task"], r["configuration"], r["epsilon"]), []).append(r)
