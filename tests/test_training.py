@@ -225,6 +225,25 @@ def test_more_patients_per_step_than_patients_is_clamped_with_a_warning(env, tmp
     assert "dpunet warning: --patients-per-step 100 is more than the 6 training patients" in err and "q = 1" in err
 
 
+def test_run_time_counts_the_fast_engine_s_plans_of_new_micro_batch_sizes(env, tmp_path, monkeypatch):
+    from dpunet.training import trainer as trainer_module
+    from dpunet.training.runtime_estimate import MicroBatchTiming
+
+    # a known first-size cost of 2 s per patient; 6 patients, q 3/6, micro-batches of 2, 4 steps, size 2 timed
+    monkeypatch.setattr(trainer_module, "time_micro_batch",
+                        lambda accumulate, n, device: MicroBatchTiming(1.0, n, 2.0))
+    trainer = make_trainer(tmp_path, engine="fast")
+    assert trainer.num_patients == 6 and trainer.patients_per_micro_batch == 2
+    # sizes of micro-batches of 2 are 1 and 2 only: 2 is planned by the estimate, 1 needs no plan
+    assert trainer.run_time_estimate.new_size_seconds == 0
+    trainer = make_trainer(tmp_path / "b", engine="fast", patients_per_micro_batch=4)
+    # m ~ Binomial(6, 1/2) patients per step, micro-batches of 3 (the timed size: min(4, 3 per step)) known;
+    # new sizes: 2 (m = 2 or 6: 15+1 of 64), 4 (m >= 4: 22 of 64); over 4 steps
+    p2, p4 = 1 - (1 - 16 / 64) ** STEPS, 1 - (1 - 22 / 64) ** STEPS
+    assert trainer.run_time_estimate.timed_patients == 3
+    assert trainer.run_time_estimate.new_size_seconds == pytest.approx(2.0 * (2 * p2 + 4 * p4))
+
+
 def test_loader_benchmark_compares_delivery_with_consumption(env, capsys):
     from dpunet.benchmark import loader_bench
 
@@ -245,6 +264,7 @@ def test_run_time_is_estimated_before_training_and_max_hours_refuses(env, tmp_pa
     assert estimate.steps == STEPS and estimate.patients_per_step == 3 and estimate.patches_per_patient == 2
     # timed on the run's micro-batch, min(2 per micro-batch, 3 per step), after a one-patient probe and a warm-up
     assert sizes == [1, 2, 2] and estimate.timed_patients == estimate.micro_batch_patients == 2
+    assert estimate.new_size_seconds == 0  # functorch makes no per-shape plans
     assert estimate.seconds_per_patient > 0 and estimate.noise_seconds_per_step > 0
     assert estimate.pretraining_steps == 3 and estimate.pretraining_seconds_per_step > 0
     assert "estimated wall time on cpu" in capsys.readouterr().out

@@ -6,16 +6,21 @@ at that size), and the non-private forward/backward that pretraining repeats, th
 expected patients per step, steps, pretraining steps. One patient alone is not enough: a micro-batch holds the
 per-patient gradients of all its patients at once, the fast engine takes another path for one patient (a plain
 backward) than for several, and it plans its layer implementations per micro-batch shape; a 45.6M-parameter
-VNet took 351 s for a real first step against 6.8 s estimated from one patient. A default run planned for a GPU can take many hours on a CPU; the estimate says so
-before the first pretraining step, and names the reduced recipe that was measured on a 2-core CPU
-(documentation/results.md). `--max-hours` turns the warning into a refusal.
+VNet took 351 s for a real first step against 6.8 s estimated from one patient. An engine that plans its layers
+per micro-batch shape (the fast engine) pays that planning again for every new micro-batch size that Poisson
+sampling brings: the estimate adds it, from the measured extra cost of the first micro-batch of a size and the
+sizes the run is expected to meet.
+
+A default run planned for a GPU can take many hours on a CPU; the estimate says so before the first pretraining
+step, and names the reduced recipe that was measured on a 2-core CPU (documentation/results.md). `--max-hours`
+turns the warning into a refusal.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 
@@ -46,6 +51,8 @@ class RunTimeEstimate:
     # patients in the timed micro-batch, and in the run's micro-batch (fewer timed when one patient took long)
     timed_patients: int = 1
     micro_batch_patients: int = 1
+    # expected extra seconds of the first micro-batch of each size the run meets (per-shape planning)
+    new_size_seconds: float = 0.0
 
     @property
     def step_seconds(self) -> float:
@@ -53,7 +60,7 @@ class RunTimeEstimate:
 
     @property
     def training_seconds(self) -> float:
-        return self.step_seconds * self.steps
+        return self.step_seconds * self.steps + self.new_size_seconds
 
     @property
     def pretraining_seconds(self) -> float:
@@ -65,7 +72,7 @@ class RunTimeEstimate:
 
     def steps_that_fit(self, hours: float) -> int:
         """DP steps at this setting that fit in `hours` after pretraining (0 when pretraining alone does not)."""
-        left = hours * 3600.0 - self.pretraining_seconds
+        left = hours * 3600.0 - self.pretraining_seconds - self.new_size_seconds
         return max(0, int(left // self.step_seconds)) if self.step_seconds > 0 else self.steps
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,10 +96,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_seconds(action: Callable[[], Any], device: torch.device, repeats: int = 1, warm_up: bool = True) -> float:
+def best_seconds(action: Callable[[], Any], device: torch.device, repeats: int = 1) -> float:
     """Best wall time of `action` over `repeats` runs after one warm-up (allocations, lazy plans, autotuning)."""
-    if warm_up:
-        action()
+    action()
     best = math.inf
     for _ in range(max(1, repeats)):
         _sync(device)
@@ -103,23 +109,63 @@ def best_seconds(action: Callable[[], Any], device: torch.device, repeats: int =
     return best
 
 
-def seconds_per_patient_at(accumulate: Callable[[int], Any], patients: int, device: torch.device,
-                           long_seconds: float = LONG_PATIENT_SECONDS) -> tuple[float, int]:
-    """(seconds per patient, patients timed) of `accumulate(n)` (one micro-batch of n shape-only patients).
+@dataclass(frozen=True)
+class MicroBatchTiming:
+    seconds_per_patient: float
+    patients: int  # patients in the timed micro-batch
+    first_seconds_per_patient: float  # what the first micro-batch of a size costs more, per patient (>= 0)
 
-    One patient first, untimed for the result but watched: when it takes longer than `long_seconds`, one more
-    one-patient run is timed and nothing larger is tried (bounded cost). Otherwise one untimed warm-up of the
-    full `patients` (allocations, the engine's per-shape planning), then one timed run of it, per patient.
-    """
-    patients = max(1, int(patients))
+
+def _wall_seconds(action: Callable[[], Any], device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
-    accumulate(1)
+    action()
     _sync(device)
-    one_patient_warm_up = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def time_micro_batch(accumulate: Callable[[int], Any], patients: int, device: torch.device,
+                     long_seconds: float = LONG_PATIENT_SECONDS) -> MicroBatchTiming:
+    """Per-patient seconds of `accumulate(n)` (one micro-batch of n shape-only patients) at n = `patients`.
+
+    One patient first, watched: when it takes longer than `long_seconds`, one more one-patient run is timed and
+    nothing larger is tried (bounded cost). Otherwise a warm-up of the full `patients` (allocations, the
+    engine's per-shape planning), then a timed run of it; their difference is the first-size cost.
+    """
+    patients = max(1, int(patients))
+    one_patient_warm_up = _wall_seconds(lambda: accumulate(1), device)
     if patients == 1 or one_patient_warm_up > long_seconds:
-        return best_seconds(lambda: accumulate(1), device, warm_up=False), 1
-    return best_seconds(lambda: accumulate(patients), device) / patients, patients
+        return MicroBatchTiming(_wall_seconds(lambda: accumulate(1), device), 1, 0.0)
+    warm_up = _wall_seconds(lambda: accumulate(patients), device)
+    timed = _wall_seconds(lambda: accumulate(patients), device)
+    return MicroBatchTiming(timed / patients, patients, max(0.0, warm_up - timed) / patients)
+
+
+def _binomial_pmf(n: int, q: float) -> list[float]:
+    if q <= 0.0 or q >= 1.0:
+        return [1.0 if m == (n if q >= 1.0 else 0) else 0.0 for m in range(n + 1)]
+    log_q, log_1q = math.log(q), math.log1p(-q)
+    return [math.exp(math.lgamma(n + 1) - math.lgamma(m + 1) - math.lgamma(n - m + 1) + m * log_q
+                     + (n - m) * log_1q) for m in range(n + 1)]
+
+
+def new_micro_batch_sizes(patients: int, sample_rate: float, per_micro_batch: int, steps: int,
+                          known: Collection[int] = ()) -> dict[int, float]:
+    """Size -> probability that `steps` Poisson-sampled steps (each patient drawn with `sample_rate`, a step
+    split into micro-batches of `per_micro_batch`: full ones and one remainder) meet a micro-batch of that size
+    at least once; sizes of two patients or more (one patient takes no per-shape plan) not in `known`."""
+    per_step: dict[int, float] = {}
+    for m, p in enumerate(_binomial_pmf(patients, sample_rate)):
+        sizes = ({per_micro_batch} if m >= per_micro_batch else set()) | ({m % per_micro_batch} - {0})
+        for size in sizes:
+            per_step[size] = per_step.get(size, 0.0) + p
+    return {size: 1.0 - (1.0 - p) ** steps for size, p in sorted(per_step.items())
+            if size >= 2 and size not in known and p > 0}
+
+
+def new_size_seconds(first_seconds_per_patient: float, sizes: dict[int, float]) -> float:
+    """Expected extra seconds of the first micro-batches of new sizes: that cost grows with the patients."""
+    return first_seconds_per_patient * sum(size * p for size, p in sizes.items())
 
 
 def describe_estimate(estimate: RunTimeEstimate) -> str:
@@ -128,6 +174,9 @@ def describe_estimate(estimate: RunTimeEstimate) -> str:
     detail = (f"{estimate.steps} DP steps x {estimate.step_seconds:.2f} s ({estimate.patients_per_step} patients x "
               f"{estimate.patches_per_patient} patches at {estimate.seconds_per_patient:.3f} s per patient, noise "
               f"{estimate.noise_seconds_per_step:.3f} s)")
+    if estimate.new_size_seconds > 0:
+        detail += (f" + {format_duration(estimate.new_size_seconds)} for the engine's plans of the micro-batch "
+                   f"sizes the run is expected to meet")
     detail += f"; {timing_basis(estimate)}"
     if estimate.pretraining_steps:
         detail = (f"pretraining {format_duration(estimate.pretraining_seconds)} ({estimate.pretraining_steps} steps) "

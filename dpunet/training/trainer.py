@@ -54,7 +54,7 @@ from dpunet.training.initialisation import load_initial_weights
 from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.training.progress import TrainingLog, plot_progress
 from dpunet.training.runtime_estimate import (RunTimeEstimate, best_seconds, cpu_advice, describe_estimate,
-                                              seconds_per_patient_at)
+                                              new_micro_batch_sizes, new_size_seconds, time_micro_batch)
 from dpunet.learning.schedule import lr_factor, make_optimizer
 from dpunet.utils.errors import DpunetError, warn
 from dpunet.utils.files import write_json, write_text
@@ -299,9 +299,15 @@ class DPTrainer:
                 batches[patients] = self._shape_only_batch(patients)
             self.engine.accumulate(batches[patients])
 
-        per_patient, timed = seconds_per_patient_at(accumulate, micro_batch, self.device)
+        timing = time_micro_batch(accumulate, micro_batch, self.device)
         del batches
         self.engine.zero()
+        planning = 0.0
+        if getattr(self.engine, "plans_per_shape", False):  # every new micro-batch size is planned again
+            sizes = new_micro_batch_sizes(math.ceil(self.num_patients / distributed.world_size()),
+                                          self.sample_rate, self.patients_per_micro_batch, cfg.steps,
+                                          known={timing.patients})
+            planning = new_size_seconds(timing.first_seconds_per_patient, sizes)
         noise = 0.0
         if cfg.private:
             generator = PrivateRandomness.secure().torch_generator("run time estimate", 0, self.device)
@@ -313,12 +319,13 @@ class DPTrainer:
         if pretraining_steps:
             plain = benchmark_engines(self.model, self.loss_fn, None, batch, names=["nonprivate"], repeats=1)
             per_pretraining_step = plain["nonprivate"] * cfg.pretraining_batch_size / cfg.patches_per_patient
-        return RunTimeEstimate(device=self.device.type, seconds_per_patient=per_patient,
+        return RunTimeEstimate(device=self.device.type, seconds_per_patient=timing.seconds_per_patient,
                                patients_per_step=patients_here, patches_per_patient=cfg.patches_per_patient,
                                steps=cfg.steps, noise_seconds_per_step=noise, pretraining_steps=pretraining_steps,
                                pretraining_seconds_per_step=per_pretraining_step if math.isfinite(
                                    per_pretraining_step) else 0.0,
-                               timed_patients=timed, micro_batch_patients=micro_batch)
+                               timed_patients=timing.patients, micro_batch_patients=micro_batch,
+                               new_size_seconds=planning)
 
     def _check_run_time(self) -> None:
         """Print the estimate (with the CPU recipe when a CPU run would take hours); refuse beyond --max-hours."""

@@ -151,6 +151,12 @@ class FastGradientEngine(GradientEngine):
         self._last_plans: list[LayerPlan] = []
         self._last_mode = mode
 
+    @property
+    def plans_per_shape(self) -> bool:
+        """Whether the first micro-batch of each new size costs extra (its layer plans are made, and timed):
+        the run-time estimate counts it."""
+        return self.mode != "loop"
+
     # ---------------------------------------------------------------- set-up
 
     def _find_layers(self, model: nn.Module) -> list[_Layer]:
