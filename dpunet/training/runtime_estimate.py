@@ -17,7 +17,6 @@ turns the warning into a refusal.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Collection
@@ -96,17 +95,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _wall_seconds(action: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    action()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def best_seconds(action: Callable[[], Any], device: torch.device, repeats: int = 1) -> float:
     """Best wall time of `action` over `repeats` runs after one warm-up (allocations, lazy plans, autotuning)."""
     action()
-    best = math.inf
-    for _ in range(max(1, repeats)):
-        _sync(device)
-        start = time.perf_counter()
-        action()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(_wall_seconds(action, device) for _ in range(max(1, repeats)))
 
 
 @dataclass(frozen=True)
@@ -114,14 +114,6 @@ class MicroBatchTiming:
     seconds_per_patient: float
     patients: int  # patients in the timed micro-batch
     first_seconds_per_patient: float  # what the first micro-batch of a size costs more, per patient (>= 0)
-
-
-def _wall_seconds(action: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    action()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def time_micro_batch(accumulate: Callable[[int], Any], patients: int, device: torch.device,
@@ -141,21 +133,15 @@ def time_micro_batch(accumulate: Callable[[int], Any], patients: int, device: to
     return MicroBatchTiming(timed / patients, patients, max(0.0, warm_up - timed) / patients)
 
 
-def _binomial_pmf(n: int, q: float) -> list[float]:
-    if q <= 0.0 or q >= 1.0:
-        return [1.0 if m == (n if q >= 1.0 else 0) else 0.0 for m in range(n + 1)]
-    log_q, log_1q = math.log(q), math.log1p(-q)
-    return [math.exp(math.lgamma(n + 1) - math.lgamma(m + 1) - math.lgamma(n - m + 1) + m * log_q
-                     + (n - m) * log_1q) for m in range(n + 1)]
-
-
 def new_micro_batch_sizes(patients: int, sample_rate: float, per_micro_batch: int, steps: int,
                           known: Collection[int] = ()) -> dict[int, float]:
     """Size -> probability that `steps` Poisson-sampled steps (each patient drawn with `sample_rate`, a step
     split into micro-batches of `per_micro_batch`: full ones and one remainder) meet a micro-batch of that size
     at least once; sizes of two patients or more (one patient takes no per-shape plan) not in `known`."""
+    from scipy.stats import binom
+
     per_step: dict[int, float] = {}
-    for m, p in enumerate(_binomial_pmf(patients, sample_rate)):
+    for m, p in enumerate(binom.pmf(range(patients + 1), patients, sample_rate).tolist()):
         sizes = ({per_micro_batch} if m >= per_micro_batch else set()) | ({m % per_micro_batch} - {0})
         for size in sizes:
             per_step[size] = per_step.get(size, 0.0) + p
