@@ -255,6 +255,37 @@ def test_opacus_engine_leaves_the_model_plain():
     assert_close(again, ref)
 
 
+def test_opacus_failing_half_way_leaves_no_hooks_behind(monkeypatch):
+    """Opacus hooks modules one by one; when it fails on a later one (as on MONAI's DynUNet 3d, 'Cannot access
+    storage of TensorWrapper'), the hooks it already added must go, else the full backward hooks break the
+    functorch engine that "auto" picks next (the failed dynunet 3d study cell)."""
+    import opacus.grad_sample.grad_sample_module as gsm_module
+
+    class Scale(nn.Module):  # a parameter without an Opacus rule: Opacus prepares it for functorch
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.weight
+
+    model = make_model(2)
+    model.add_module("scale", Scale())
+    batch = make_batch(2, seed=9)
+    reference, _ = summed("reference_loop", model, batch, 1.0)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated failure half-way through wrapping")
+
+    monkeypatch.setattr(gsm_module, "prepare_layer", fail)
+    with pytest.raises(ValueError, match="half-way"):
+        OpacusHooksEngine(model, per_patch_loss, 1.0)
+    for m in model.modules():
+        assert not m._forward_hooks and not m._backward_hooks and not hasattr(m, "autograd_grad_sample_hooks")
+    got, _ = summed("functorch", model, batch, 1.0)
+    assert_close(got, reference)
+
+
 def test_opacus_engine_refuses_batchnorm():
     model = nn.Sequential(nn.Conv2d(CIN, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, NCLS, 1))
     with pytest.raises(ValueError, match="per-sample"):

@@ -524,3 +524,20 @@ def test_random_image_pretraining_runs_a_monai_network_without_deep_supervision(
     cfg = PretrainingConfig(arch="unetr", width=0.0625, steps=1, batch_size=1)
     pretrain_on_random_images(plan_config, 1, NUM_CLASSES, cfg, out, "TaskTest")
     assert torch.load(out, weights_only=True)["architecture"]["patch_size"] == [16, 32, 32]
+
+
+def test_engine_auto_selection_on_dynunet_3d_leaves_functorch_usable():
+    """The failed quick-study cell: Opacus fails on DynUNet 3d half-way, then functorch (auto's pick) must run."""
+    from dpunet.privacy.engines.registry import benchmark_engines
+
+    net, patch = build("dynunet", 3)
+    net.train()
+    loss = SegmentationLoss(NUM_CLASSES, patches_per_patient=2)
+    batch = _batch(patch, seed=3)
+    batch = PatientBatch(batch.data.float(), batch.targets)
+    timings = benchmark_engines(net, loss, 1.0, batch, repeats=1)
+    assert math.isfinite(timings["functorch"]) and math.isfinite(timings["fast"])
+    assert not any(m._backward_hooks or m._forward_hooks for m in net.modules())
+    engine = make_engine("functorch", net, loss, 1.0)
+    assert engine.accumulate(batch).num_patients == 2
+    engine.close()

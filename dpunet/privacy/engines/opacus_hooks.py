@@ -11,6 +11,7 @@ import warnings
 
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
 from torch import Tensor, nn
 
 from dpunet.privacy.engines.base import (
@@ -30,11 +31,17 @@ class OpacusHooksEngine(GradientEngine):
 
     def __init__(self, model: nn.Module, loss_fn: PerSampleLoss, clip_norm: float | None) -> None:
         super().__init__(model, loss_fn, clip_norm)
+        hooks_before = _hook_ids(model)
         try:
             # strict: refuse modules with buffers (BatchNorm running stats mix samples and are not private)
             self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
-        except NotImplementedError as e:
-            raise ValueError(f"model is not compatible with per-sample gradients: {e}") from e
+        except Exception as e:
+            # Opacus can fail half-way through wrapping (e.g. its functorch preparation of a MONAI block) after
+            # hooking some modules; left there, the full backward hooks break every later engine on this model
+            _remove_hooks_added_since(model, hooks_before)
+            if isinstance(e, (NotImplementedError, RuntimeError)):
+                raise ValueError(f"model is not compatible with per-sample gradients: {e}") from e
+            raise
 
     def _per_patch_grads(self, p: nn.Parameter, num_patches: int) -> Tensor:
         gs = p.grad_sample
@@ -99,3 +106,33 @@ class OpacusHooksEngine(GradientEngine):
                     if hasattr(m, attr):
                         delattr(m, attr)
             self.gsm = None
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_backward_hooks", "_backward_pre_hooks")
+_OPACUS_MODULE_ATTRS = ("autograd_grad_sample_hooks", "activations", "max_batch_len", "ft_compute_sample_grad")
+
+
+def _hook_ids(model: nn.Module) -> dict[int, dict[str, set]]:
+    """The hook handles each module holds now, by id of the module."""
+    return {id(m): {d: set(getattr(m, d, {})) for d in _HOOK_DICTS} for m in model.modules()}
+
+
+def _remove_hooks_added_since(model: nn.Module, before: dict[int, dict[str, set]]) -> None:
+    """Remove every module hook (and Opacus attribute) added after `before` was taken."""
+    for m in model.modules():
+        for d in _HOOK_DICTS:
+            hooks = getattr(m, d, None)
+            if hooks is None:
+                continue
+            for key in set(hooks) - before.get(id(m), {}).get(d, set()):
+                del hooks[key]
+        for attr in _OPACUS_MODULE_ATTRS:
+            if hasattr(m, attr):
+                delattr(m, attr)
+        if m._backward_hooks == {} and hasattr(m, "_is_full_backward_hook"):
+            m._is_full_backward_hook = None
+    for p in model.parameters():
+        for attr in OPACUS_PARAM_MONKEYPATCH_ATTRS:
+            if hasattr(p, attr):
+                delattr(p, attr)
