@@ -212,3 +212,23 @@ def test_stored_with_the_run_and_fixed_on_continue(tmp_path, use_roots, capsys):
     # refused for a U-Net on the command line, before anything is trained
     code, err = train("--arch", "unet", "--output-stride", "8")
     assert code == 2 and "--output-stride shapes the encoder of the classic families" in err
+
+
+def test_bench_engine_builds_the_encoder_it_is_asked_for(monkeypatch, capsys):
+    """dpunet_bench_engine --output-stride/--encoder-depth benchmark the network dpunet_train would build."""
+    from dpunet.benchmark import engine_bench
+
+    tiny = engine_bench.BenchNet("2D 32x32 b2", 2, (32, 32), 2, (8, 16, 32, 64))
+    monkeypatch.setitem(engine_bench.PRESETS, "cpu", [tiny])
+    with pytest.raises(SystemExit) as done:
+        engine_bench.main(["--device", "cpu", "--preset", "cpu", "--arch", "deeplabv3plus", "--width", "0.125",
+                           "--output-stride", "8", "--encoder-depth", "34", "--steps", "1", "--warmup", "0",
+                           "--extra-k", "0", "--methods", "fast", "--threads", "1"])
+    assert done.value.code == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| deeplabv3plus os8 r34")]
+    assert len(rows) == 2
+    expected = apply_preset(tiny.architecture(), "deeplabv3plus", 0.125, [32, 32], output_stride=8, encoder_depth=34)
+    default = apply_preset(tiny.architecture(), "deeplabv3plus", 0.125, [32, 32])
+    params = count_parameters(build_network(expected, 1, 3, False))
+    assert params != count_parameters(build_network(default, 1, 3, False))  # depth 34 has more blocks
+    assert f"| {params / 1e6:.2f}M |" in rows[1]

@@ -58,6 +58,8 @@ class BenchNet:
     num_classes: int = 3
     arch: str = "planned"  # --arch NAME: any architecture name, built for this net's plan entry and patch
     width: float = 1.0
+    output_stride: int | None = None  # the classic families' --output-stride (None: the family's own)
+    encoder_depth: int | None = None  # the classic families' --encoder-depth (None: 18)
 
     @property
     def deep_supervision(self) -> bool:
@@ -71,7 +73,10 @@ class BenchNet:
         """The benchmarked network's spec: `arch` applied to the reference U-Net entry (DpunetError if refused)."""
         from dpunet.architectures import apply_preset
 
-        return apply_preset(self.architecture(), self.arch, self.width, list(self.patch_size))
+        from dpunet.architectures.classic_nets import DEFAULT_ENCODER_DEPTH
+
+        return apply_preset(self.architecture(), self.arch, self.width, list(self.patch_size),
+                            output_stride=self.output_stride, encoder_depth=self.encoder_depth or DEFAULT_ENCODER_DEPTH)
 
     @property
     def n_stages(self) -> int:
@@ -578,6 +583,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="benchmark this --arch name (a U-Net preset, a MONAI network, deeplabv3plus, fpn, pspnet, "
                          "linknet) built for each reference net's patch instead of the reference U-Net")
     ap.add_argument("--width", type=float, default=1.0, help="width multiplier of --arch (1)")
+    ap.add_argument("--output-stride", type=int, default=None, choices=[8, 16],
+                    help="output stride of the dilated classic families' encoder (as dpunet_train)")
+    ap.add_argument("--encoder-depth", type=int, default=None, choices=[18, 34],
+                    help="classic families' encoder depth (as dpunet_train)")
     ap.add_argument("--nets", default=None, help="comma-separated indices (0-based) of the preset's nets to run")
     ap.add_argument("--methods", default=None,
                     help="comma-separated method labels or engine names (default: all; non-private always runs)")
@@ -598,22 +607,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise DpunetError("--steps and --patches-per-patient must be >= 1, --warmup and --extra-k >= 0")
     if args.threads is not None and args.threads < 1:
         raise DpunetError(f"--threads must be >= 1, got {args.threads}")
-    if args.output is not None and (args.arch != "planned" or args.width != 1.0):
-        raise DpunetError("--output rewrites the reference U-Nets' sections of the performance page; run --arch "
-                          "or --width without --output")
+    if args.output is not None and (args.arch != "planned" or args.width != 1.0 or args.output_stride is not None
+                                    or args.encoder_depth is not None):
+        raise DpunetError("--output rewrites the reference U-Nets' sections of the performance page; run --arch, "
+                          "--width, --output-stride or --encoder-depth without --output")
     return args
 
 
-def nets_for_arch(nets: Sequence[BenchNet], arch: str, width: float, log: Callable[[str], None]) -> list[BenchNet]:
-    """The preset's nets as `arch` at `width` (names prefixed with the arch); nets whose patch the architecture
-    refuses are reported and left out. A spec built for an adapted patch size is benchmarked at that size."""
+def nets_for_arch(nets: Sequence[BenchNet], arch: str, width: float, log: Callable[[str], None],
+                  output_stride: int | None = None, encoder_depth: int | None = None) -> list[BenchNet]:
+    """The preset's nets as `arch` at `width` (names prefixed with the arch and any encoder option); nets whose
+    patch the architecture refuses are reported and left out. A spec built for an adapted patch size is
+    benchmarked at that size."""
     from dataclasses import replace
 
-    if arch == "planned" and width == 1.0:
+    if arch == "planned" and width == 1.0 and output_stride is None and encoder_depth is None:
         return list(nets)
+    options = "".join(f" {o}{v}" for o, v in (("os", output_stride), ("r", encoder_depth)) if v is not None)
     chosen = []
     for net in nets:
-        candidate = replace(net, arch=arch, width=float(width), name=f"{arch} {net.name}")
+        candidate = replace(net, arch=arch, width=float(width), name=f"{arch}{options} {net.name}",
+                            output_stride=output_stride, encoder_depth=encoder_depth)
         try:
             spec = candidate.spec()
         except DpunetError as e:
@@ -657,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DpunetError(f"--nets {args.nets!r}: give indices 0..{len(PRESETS[preset]) - 1}") from None
     methods = select_methods(args.methods)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  progress on stderr, table on stdout
-    nets = nets_for_arch(nets, args.arch, args.width, log)
+    nets = nets_for_arch(nets, args.arch, args.width, log, args.output_stride, args.encoder_depth)
     interleave = args.schedule == "interleaved" or (args.schedule == "auto" and device_type == "cpu")
 
     started = time.perf_counter()
