@@ -20,6 +20,7 @@ import numpy as np
 from dpunet.dataset.msd import case_id_from_path
 from dpunet.evaluation.evaluate import aggregate_metrics
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
+from dpunet.pretraining.sources import PUBLIC_SOURCES
 from dpunet.release import private_folder, release_folder
 from dpunet.utils.errors import DpunetError, cli_entry
 from dpunet.utils.files import read_json_file, write_json, write_text
@@ -53,9 +54,10 @@ def _format_number(value: float) -> str:
 
 
 def _init_label(init_from: str) -> str:
-    """'none' and 'random_images' stay readable; a checkpoint path becomes its stem plus a short hash of the path
-    (two checkpoints with the same file name stay apart, and '/' never enters a folder name)."""
-    if init_from in ("none", DEFAULT_INIT):
+    """'none' and the public sources (random_images, synthetic_brain) stay readable; a checkpoint path becomes
+    its stem plus a short hash of the path (two checkpoints with the same file name stay apart, and '/' never
+    enters a folder name)."""
+    if init_from == "none" or init_from in PUBLIC_SOURCES:
         return init_from
     stem = Path(init_from).name.split(".")[0] or "checkpoint"
     stem = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in stem)[:24]
@@ -92,7 +94,7 @@ def add_run_identity_arguments(p: argparse.ArgumentParser) -> None:
     (give the values the run was trained with; see run_folder_name)."""
     p.add_argument("--width", type=float, default=1.0, help="width multiplier the run was trained with (1)")
     p.add_argument("--seed", type=int, default=0, help="seed the run was trained with (0)")
-    p.add_argument("--init-from", default=None, metavar="random_images|none|CHECKPOINT",
+    p.add_argument("--init-from", default=None, metavar="random_images|synthetic_brain|none|CHECKPOINT",
                    help="initial weights the run was trained from (default: the plan's, random_images)")
     p.add_argument("--run-tag", default="", help="run tag the run was trained with (dpunet_study sets one)")
 

@@ -1,7 +1,10 @@
-"""dpunet_pretrain TASK [-c 2d|3d_fullres] [--arch NAME] [--width W] [--steps T] [--batch-size B] [-o FILE]
+"""dpunet_pretrain TASK [-c 2d|3d_fullres] [--init-from random_images|synthetic_brain] [--arch NAME] [--width W]
+[--steps T] [--batch-size B] [-o FILE]
 
-Pretrains the task's planned network, non-privately, on images of random processes (no patient data, no
-privacy cost). dpunet_train does this itself when the plan says `init_from: random_images` (the default);
+Pretrains the task's planned network, non-privately, on public data (no patient data, no privacy cost): images
+of random processes (random_images) or synthetic brain MR images from the public MNI152 template
+(synthetic_brain). dpunet_train does this itself with --init-from random_images (the plan default) or
+synthetic_brain;
 this command makes the checkpoint ahead of time, or with other settings for dpunet_train --init-from FILE
 (same -c, --arch, --width and network options: --dp-norm, --norm-groups, --output-stride, --encoder-depth).
 """
@@ -12,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_random_images, pretrained_checkpoint_path
+from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_public_data, pretrained_checkpoint_path
+from dpunet.pretraining.sources import PUBLIC_SOURCES
 from dpunet.planning.plans import default_configuration, load_training_inputs
 from dpunet.utils.errors import DpunetError, cli_entry
 
@@ -23,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainingConfig()
     p.add_argument("task", help="task id (4) or name (Task04_Hippocampus)")
     p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
+    p.add_argument("--init-from", "--source", dest="source", default=defaults.source, choices=list(PUBLIC_SOURCES),
+                   help="public data to pretrain on (random_images); synthetic_brain downloads the MNI152 template "
+                        "once (documentation/pretraining.md)")
     p.add_argument("--arch", default=defaults.arch, help="architecture, as for dpunet_train (list: dpunet_archs)")
     p.add_argument("--width", type=float, default=defaults.width, help="width multiplier, as for dpunet_train")
     p.add_argument("--dp-norm", default=defaults.dp_norm, choices=["group", "instance"],
@@ -42,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="checkpoint path (default $DPUNET_RESULTS/<task>/pretrained/<arch>__<config>__width<w>"
-                        "__random_images__steps<T>__seed<s>.pt, where dpunet_train looks for it)")
+                        "__<source>__steps<T>__seed<s>.pt, where dpunet_train looks for it)")
     return p
 
 
@@ -68,15 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size or plan.get("pretraining_batch_size", fallback.batch_size),
         learning_rate=args.learning_rate or plan.get("pretraining_learning_rate", fallback.learning_rate),
         deep_supervision=args.deep_supervision, seed=args.seed, device=device, dp_norm=args.dp_norm,
-        norm_groups=args.norm_groups, output_stride=args.output_stride, encoder_depth=args.encoder_depth)
+        norm_groups=args.norm_groups, output_stride=args.output_stride, encoder_depth=args.encoder_depth,
+        source=args.source)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise DpunetError("--steps and --batch-size must be at least 1")
     output = args.output or pretrained_checkpoint_path(task_name, configuration, cfg)
-    summary = pretrain_on_random_images(plan_config, task.num_channels, task.num_classes, cfg, output, task_name)
+    summary = pretrain_on_public_data(plan_config, task.num_channels, task.num_classes, cfg, output, task_name)
     print(f"pretrained {cfg.steps} steps in {summary['seconds']:.0f} s: loss {summary['loss_first_20_steps']:.3f} "
           f"-> {summary['loss_last_20_steps']:.3f}")
     print(f"checkpoint: {output}")
-    cached = "" if args.output else f"  (or --init-from random_images --pretraining-steps {cfg.steps})"
+    cached = "" if args.output else f"  (or --init-from {cfg.source} --pretraining-steps {cfg.steps})"
     print(f"next: dpunet_train {task_name} FOLD -c {configuration} --arch {args.arch} --width {args.width:g}"
           f"{network_options(cfg)} --eps 8 --init-from {output}{cached}")
     return 0

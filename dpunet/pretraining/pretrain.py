@@ -1,4 +1,5 @@
-"""Non-private pretraining of a task's planned network on images of random processes (no patient data).
+"""Non-private pretraining of a task's planned network on public data: images of random processes, or synthetic
+brain MR images from the public MNI152 template (dpunet.pretraining.sources; no patient data).
 
 The network is the one the plan describes (with the same --arch and --width the DP run will use), built for
 the task's channels and classes; the plan is derived from image headers only, so nothing here touches private
@@ -21,14 +22,12 @@ from dpunet.architectures import (arch_for_configuration, build_network, is_mona
                                   supervision_levels)
 from dpunet.architectures.classic_nets import DEFAULT_ENCODER_DEPTH, default_output_stride, is_classic_arch
 from dpunet.paths import results_root
-from dpunet.pretraining.random_images import random_segmentation_batch
+from dpunet.pretraining.sources import PUBLIC_SOURCES, RANDOM_IMAGES
 from dpunet.learning.checkpoint import save_checkpoint
 from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.learning.schedule import lr_factor, make_optimizer
+from dpunet.utils.errors import DpunetError
 
-PUBLIC_SOURCE = "images of random processes (dpunet.pretraining.random_images, seed {seed}): no patient data"
-# the value of --init-from (and of the plan's training.init_from) that asks for this pretraining
-RANDOM_IMAGES = "random_images"
 
 
 @dataclass
@@ -50,6 +49,8 @@ class PretrainingConfig:
     # the classic families' encoder (dpunet_train --output-stride, None: the family's own; --encoder-depth)
     output_stride: int | None = None
     encoder_depth: int = DEFAULT_ENCODER_DEPTH
+    # what the network is pretrained on: a name in dpunet.pretraining.sources.PUBLIC_SOURCES
+    source: str = RANDOM_IMAGES
 
 
 def _encoder_suffix(cfg: PretrainingConfig) -> str:
@@ -66,15 +67,18 @@ def pretrained_checkpoint_path(task_name: str, configuration: str, cfg: Pretrain
     # GroupNorm and InstanceNorm weights have the same names and shapes: a non-default norm gets its own file
     norm = "" if (cfg.dp_norm, cfg.norm_groups) == ("group", 8) else \
         "__norm-instance" if cfg.dp_norm == "instance" else f"__norm-group{cfg.norm_groups}"
-    name = (f"{cfg.arch}__{configuration}__width{cfg.width:g}{norm}{_encoder_suffix(cfg)}__random_images"
+    name = (f"{cfg.arch}__{configuration}__width{cfg.width:g}{norm}{_encoder_suffix(cfg)}__{cfg.source}"
             f"__steps{cfg.steps}__seed{cfg.seed}.pt")
     return results_root() / task_name / "pretrained" / name
 
 
-def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, num_classes: int,
-                              cfg: PretrainingConfig, output: Path, task_name: str) -> dict[str, Any]:
-    """Train the planned network on random-process images for `cfg.steps` steps; write the checkpoint to
+def pretrain_on_public_data(plan_config: dict[str, Any], num_channels: int, num_classes: int,
+                            cfg: PretrainingConfig, output: Path, task_name: str) -> dict[str, Any]:
+    """Train the planned network on `cfg.source`'s images for `cfg.steps` steps; write the checkpoint to
     `output` (atomically) and return a summary (losses at the start and the end)."""
+    if cfg.source not in PUBLIC_SOURCES:
+        raise DpunetError(f"pretraining source {cfg.source!r} is unknown (known: {', '.join(PUBLIC_SOURCES)})")
+    make_batch, public_source = PUBLIC_SOURCES[cfg.source]()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     # the patch the network is built for (a MONAI network may adapt the plan's, as dpunet_train does)
@@ -91,8 +95,8 @@ def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, nu
     losses: list[float] = []
     t0 = time.perf_counter()
     model.train()
-    for step in tqdm(range(cfg.steps), desc="pretrain on random images", unit="step"):
-        data, seg = random_segmentation_batch(rng, cfg.batch_size, patch, num_channels, num_classes)
+    for step in tqdm(range(cfg.steps), desc=f"pretrain on {cfg.source}", unit="step"):
+        data, seg = make_batch(rng, cfg.batch_size, patch, num_channels, num_classes)
         targets = downsample_seg_for_deep_supervision(torch.from_numpy(seg).long(), strides, n_out)
         outputs = model(torch.from_numpy(data).to(cfg.device))
         loss = loss_fn(outputs, [t.to(cfg.device) for t in targets]).mean()
@@ -110,8 +114,12 @@ def pretrain_on_random_images(plan_config: dict[str, Any], num_channels: int, nu
         "architecture": arch,
         "num_classes": num_classes,
         "num_channels": num_channels,
-        "public_source": PUBLIC_SOURCE.format(seed=cfg.seed),
-        "config": {"task": f"random images for {task_name}", "configuration": "pretraining", **asdict(cfg)},
+        "public_source": public_source.format(seed=cfg.seed),
+        "config": {"task": f"{cfg.source} for {task_name}", "configuration": "pretraining", **asdict(cfg)},
         "pretraining_summary": summary,
     }, output)
     return summary
+
+
+# the name it had when random images were the only source (tests and scripts call it)
+pretrain_on_random_images = pretrain_on_public_data

@@ -10,7 +10,7 @@ seeds x initialisations, with per-task sub-grids, exclusions and per-architectur
     epsilons: [8, inf]
     folds: [0]
     seeds: [0]
-    init: [random_images]
+    init: [random_images]           # or synthetic_brain (MNI152 template), none, a checkpoint file
     exclude: [{arch: unet_ws, epsilon: inf}]
     arch_overrides: {unet_ws: {learning_rate: 0.001}}
     executor: {kind: local, parallel: 1}

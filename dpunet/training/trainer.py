@@ -42,7 +42,8 @@ from dpunet.privacy.randomness import PrivateRandomness
 from dpunet.privacy.report import build_privacy_report, render_privacy_report_markdown
 from dpunet.privacy.sampling import PoissonPatientSampler
 from dpunet.release import CHECKPOINT_FILE, private_folder, release_folder, write_release
-from dpunet.pretraining.pretrain import (RANDOM_IMAGES, PretrainingConfig, pretrain_on_random_images,
+from dpunet.pretraining.sources import is_public_source
+from dpunet.pretraining.pretrain import (PretrainingConfig, pretrain_on_public_data,
                                          pretrained_checkpoint_path)
 from dpunet.learning.checkpoint import load_checkpoint, save_checkpoint
 from dpunet.training.config import TrainingConfig
@@ -168,21 +169,22 @@ class DPTrainer:
         return PretrainingConfig(arch=cfg.arch, width=cfg.width, steps=cfg.pretraining_steps,
                                  batch_size=cfg.pretraining_batch_size, learning_rate=cfg.pretraining_learning_rate,
                                  seed=cfg.seed, device=cfg.device, dp_norm=cfg.dp_norm, norm_groups=cfg.norm_groups,
-                                 output_stride=cfg.output_stride, encoder_depth=cfg.encoder_depth)
+                                 output_stride=cfg.output_stride, encoder_depth=cfg.encoder_depth,
+                                 source=cfg.init_from)
 
     def _initial_weights_path(self) -> Path | None:
-        """None (random initialisation), the given checkpoint, or the cached random-image pretraining (made by
-        rank 0 first if missing; the others wait for it)."""
+        """None (random initialisation), the given checkpoint, or the cached pretraining on the named public
+        source (random_images, synthetic_brain; made by rank 0 first if missing, the others wait for it)."""
         cfg = self.cfg
         if cfg.init_from in ("", "none"):
             return None
-        if cfg.init_from != RANDOM_IMAGES:
+        if not is_public_source(cfg.init_from):
             return Path(cfg.init_from)
         pretraining = self._pretraining_config()
         path = pretrained_checkpoint_path(self.task_name, cfg.configuration, pretraining)
         if distributed.is_main_process() and not path.is_file():
-            tqdm.write(f"pretraining on random-process images (no patient data) -> {path}")
-            pretrain_on_random_images(self.plan_config, self.task.num_channels, self.task.num_classes, pretraining,
+            tqdm.write(f"pretraining on {cfg.init_from} (public, no patient data) -> {path}")
+            pretrain_on_public_data(self.plan_config, self.task.num_channels, self.task.num_classes, pretraining,
                                       path, self.task_name)
         distributed.barrier()
         return path
@@ -278,9 +280,9 @@ class DPTrainer:
             "estimate": estimate.to_dict() if estimate else None}
 
     def _pretraining_steps_to_run(self) -> int:
-        """Steps of random-image pretraining this run will do first (0 when its checkpoint is cached)."""
+        """Steps of public pretraining this run will do first (0 when its checkpoint is cached)."""
         cfg = self.cfg
-        if cfg.init_from != RANDOM_IMAGES:
+        if not is_public_source(cfg.init_from):
             return 0
         path = pretrained_checkpoint_path(self.task_name, cfg.configuration, self._pretraining_config())
         return 0 if path.is_file() else cfg.pretraining_steps
