@@ -49,6 +49,7 @@ setup(
             "dpunet_audit=dpunet.audit.cli:main",
             "dpunet_archs=dpunet.architectures.cli:main",
             "dpunet_study=dpunet.study.cli:main",
+            "dpunet_tune_public=dpunet.tuning.cli:main",
         ]
     },
 )

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"pretraining"},
     {"training"},  # training calls pretraining for its initial weights, never the reverse
     {"api"},  # dpunet.api: plan_and_preprocess, train, predict, evaluate; the commands call it
-    {"audit", "benchmark", "study", "demo", "pipeline"},
+    {"audit", "benchmark", "study", "demo", "pipeline", "tuning"},  # tuning: dpunet_tune_public
 ]
 SAME_LAYER_OK: set[tuple[str, str]] = set()
 

@@ -76,6 +76,9 @@ class TrainingConfig:
     max_hours: float | None = None
     # appended to the run folder's name (dpunet_study: a short hash of a cell's other overrides); not a hyperparameter
     run_tag: str = ""
+    # the public tuning file the learning rate came from ({path, sha256, proxy_source, learning_rate}), set by
+    # merge_plan_and_options when dpunet_tune_public made one for these settings and no learning rate was given
+    public_tuning: dict[str, Any] | None = None
 
     @property
     def private(self) -> bool:
@@ -143,4 +146,34 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
         raise DpunetError(f"--max-hours must be a positive number of hours, got {cfg.max_hours}")
     if cfg.patients_per_step is not None and cfg.patients_per_step < 1:
         raise DpunetError(f"--patients-per-step must be at least 1, got {cfg.patients_per_step}")
+    if options.get("task") is not None and options.get("learning_rate") is None and cfg.private:
+        apply_public_tuning(cfg, plan_config)
     return cfg
+
+
+def apply_public_tuning(cfg: TrainingConfig, plan_config: dict[str, Any]) -> None:
+    """Take the learning rate from the task's public tuning file (dpunet_tune_public) when one was made for this
+    configuration, arch, epsilon and the run's settings; a file made for other settings is named and not used."""
+    from dpunet.paths import preprocessed_root, raw_root, resolve_task
+    from dpunet.planning.public_tuning import (describe_for_report, expected_patients_per_step, fold_num_patients,
+                                               load_public_tuning, public_tuning_path, settings_mismatch)
+
+    try:
+        task_name = resolve_task(cfg.task, preprocessed_root(), raw_root())
+    except DpunetError:
+        return  # the trainer names the missing task
+    path = public_tuning_path(task_name, cfg.configuration, cfg.arch, cfg.epsilon)
+    if not path.is_file():
+        return
+    record = load_public_tuning(path)
+    settings = {"width": cfg.width, "steps": cfg.steps, "patches_per_patient": cfg.patches_per_patient,
+                "clip_norm": cfg.clip_norm, "delta": cfg.delta, "init_from": cfg.init_from,
+                "patients_per_step": expected_patients_per_step(plan_config, fold_num_patients(task_name, cfg.fold),
+                                                                cfg.patients_per_step)}
+    differ = settings_mismatch(record, settings)
+    if differ:
+        warn(f"{path.name} was tuned for other settings ({'; '.join(differ)}): not used, the learning rate stays "
+             f"{cfg.learning_rate:g} (the plan's); rerun dpunet_tune_public with this run's options, or give --lr")
+        return
+    cfg.public_tuning = describe_for_report(path)
+    cfg.learning_rate = cfg.public_tuning["learning_rate"]

@@ -33,6 +33,7 @@ from dpunet.paths import preprocessed_root, results_root
 from dpunet.planning import memory
 from dpunet.planning.plans import load_plans, load_training_inputs  # noqa: F401
 from dpunet.planning.dp_plan import hyperparameter_statement
+from dpunet.planning.public_tuning import public_tuning_statement
 from dpunet.planning.splits import fold_cases, split_statement
 from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, check_delta
 from dpunet.privacy.dp_step import assign_gradients, noise_norm_on_mean_gradient, noisy_average_gradient
@@ -686,13 +687,20 @@ class DPTrainer:
         write_json(report, self.release_dir / "privacy_report.json")
         write_text(render_privacy_report_markdown(report), self.release_dir / "privacy_report.md")
 
+    def _hyperparameter_statement(self) -> str:
+        """Where the hyperparameters came from: a public tuning file (dpunet_tune_public), else the plan's."""
+        tuning = self.cfg.public_tuning
+        if tuning:
+            return public_tuning_statement(tuning["path"], tuning["sha256"], tuning["proxy_source"])
+        return hyperparameter_statement(self.task_name)
+
     def privacy_report(self) -> dict[str, Any]:
         cfg = self.cfg
         caveats = [
             "private/ (resumption checkpoint, run configuration with the seed, training_log.csv and progress.png "
             "with losses computed on private data without noise, validation on held-out patients) is for the data "
             "owner, not for release; release/ holds what may be shared",
-            hyperparameter_statement(self.task_name),
+            self._hyperparameter_statement(),
         ]
         if self.plans.get("shape_source") == "cropped":
             caveats.append("the plan used median shapes after cropping to non-zero (derived from pixels, not DP)")

@@ -1,0 +1,94 @@
+"""Public tuning files: DP hyperparameters chosen on a public proxy task, never on private labels.
+
+`dpunet_tune_public` (dpunet.tuning) trains one DP run per candidate learning rate on a proxy task made from the
+target's public metadata only, and writes `public_tuning__<configuration>__<arch>__eps<E>.json` into the target's
+preprocessed folder. This module is what training needs of such a file (it sits below training): its name, the
+check that it was made for the run's settings, and the sentence the privacy report says about it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from dpunet.dataset.tasks import load_preprocessed_task
+from dpunet.paths import preprocessed_root
+from dpunet.planning.splits import fold_cases
+from dpunet.utils.errors import DpunetError
+from dpunet.utils.files import file_sha256, load_json
+
+PUBLIC_TUNING_FORMAT = "dpunet-public-tuning-v1"
+# run settings the choice was made at: a run that differs in any of them does not use the file (the best learning
+# rate moves with the noise level, the number of steps and the network)
+MATCHED_SETTINGS = ("width", "steps", "patients_per_step", "patches_per_patient", "clip_norm", "delta", "init_from")
+
+
+def epsilon_text(epsilon: float) -> str:
+    """8.0 -> '8', 0.5 -> '0.5', inf -> 'inf' (as run folder names write it)."""
+    return "inf" if not math.isfinite(epsilon) else f"{epsilon:g}"
+
+
+def public_tuning_file_name(configuration: str, arch: str, epsilon: float) -> str:
+    return f"public_tuning__{configuration}__{arch}__eps{epsilon_text(epsilon)}.json"
+
+
+def public_tuning_path(task_name: str, configuration: str, arch: str, epsilon: float) -> Path:
+    """Where dpunet_tune_public writes (and dpunet_train looks for) the tuning file of these settings."""
+    return preprocessed_root() / task_name / public_tuning_file_name(configuration, arch, epsilon)
+
+
+def fold_num_patients(task_name: str, fold: int | str) -> int:
+    """Training patients of a fold, from splits_final.json and dataset.json only (no image is opened): N, which
+    the privacy analysis treats as public."""
+    splits_path = preprocessed_root() / task_name / "splits_final.json"
+    if not splits_path.is_file():
+        raise DpunetError(f"{splits_path} not found: run dpunet_plan_and_preprocess for {task_name} first")
+    train, _ = fold_cases(load_json(splits_path), fold)
+    patient_of = {c.case_id: c.patient_id for c in load_preprocessed_task(task_name).training}
+    return len({patient_of[c] for c in train})
+
+
+def expected_patients_per_step(plan_config: dict[str, Any], num_patients: int, given: int | None) -> int:
+    """q*N as the trainer sets it: the option, else the plan's sample rate times the fold's N, within 1..N."""
+    expected = given or round(plan_config["dp"]["sample_rate"] * num_patients)
+    return int(min(num_patients, max(1, expected)))
+
+
+def load_public_tuning(path: Path) -> dict[str, Any]:
+    """The tuning record, checked for the fields training uses."""
+    record = load_json(path)
+    if not isinstance(record, dict) or record.get("format") != PUBLIC_TUNING_FORMAT:
+        raise DpunetError(f"{path}: not a dpunet public tuning file (format {PUBLIC_TUNING_FORMAT} expected); "
+                          f"remake it with dpunet_tune_public or remove it")
+    chosen = record.get("chosen", {}).get("learning_rate")
+    if not isinstance(chosen, (int, float)) or not (math.isfinite(chosen) and chosen > 0):
+        raise DpunetError(f"{path}: chosen.learning_rate must be a positive number, got {chosen!r}")
+    return record
+
+
+def settings_mismatch(record: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """'name: tuned X, run Y' for every matched setting the run does not share with the tuning."""
+    tuned = record.get("settings", {})
+    differ = []
+    for key in MATCHED_SETTINGS:
+        a, b = tuned.get(key), settings.get(key)
+        same = math.isclose(float(a), float(b), rel_tol=1e-9) if isinstance(a, (int, float)) and \
+            isinstance(b, (int, float)) else a == b
+        if not same:
+            differ.append(f"{key}: tuned {a}, run {b}")
+    return differ
+
+
+def public_tuning_statement(path: str | Path, sha256: str, proxy_source: str) -> str:
+    """The privacy report's hyperparameter sentence for a learning rate taken from a public tuning file."""
+    return (f"hyperparameters: the learning rate was chosen on a public proxy task, not on private data: "
+            f"{Path(path).name} (sha256 {sha256}), proxy {proxy_source}; it read only the target's public "
+            f"metadata (image headers via the plan, dataset.json, the number of training patients). The plan's "
+            f"other defaults and any tuning you did on private data of this task are not covered by that statement")
+
+
+def describe_for_report(path: Path) -> dict[str, str]:
+    """{path, sha256, proxy_source, learning_rate}: what the run records of the file it used."""
+    record = load_public_tuning(path)
+    return {"path": str(path), "sha256": file_sha256(path), "proxy_source": str(record["proxy"]["source"]),
+            "learning_rate": float(record["chosen"]["learning_rate"])}

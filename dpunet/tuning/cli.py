@@ -1,0 +1,87 @@
+"""dpunet_tune_public -t TASK -c CONFIGURATION --eps E [--proxy random_images|synthetic_brain]
+[--learning-rates 3e-3,1e-2,3e-2] [--arch NAME] [--width W] [--steps T] [--patients-per-step B]
+[--patches-per-patient K] ...
+
+Chooses the DP learning rate of the run `dpunet_train TASK FOLD -c CONFIGURATION --eps E` (same options) on a
+public proxy task: the target's public metadata (N, channels, classes, the plan's median shape and spacing) with
+images from a public generator, trained with the target's network and privacy parameters, one run per candidate,
+scored on proxy validation patients. Writes public_tuning__<configuration>__<arch>__eps<E>.json into the target's
+preprocessed folder; dpunet_train then takes its learning rate (unless --lr is given) and the privacy report says
+so. No private image or label is read (documentation/tuning.md)."""
+from __future__ import annotations
+
+import argparse
+
+from dpunet.utils.arguments import parse_epsilon
+from dpunet.utils.errors import DpunetError, cli_entry
+
+
+def parse_rates(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--learning-rates: comma-separated numbers expected, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dpunet.tuning.proxy_task import DEFAULT_VALIDATION_PATIENTS, PROXY_GENERATORS
+    from dpunet.tuning.tune import DEFAULT_LEARNING_RATES
+
+    p = argparse.ArgumentParser(prog="dpunet_tune_public", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-t", "--task", required=True, help="target task id (4) or name (Task04_Hippocampus)")
+    p.add_argument("-c", "--configuration", required=True, help="target plan configuration (2d, 3d_fullres)")
+    p.add_argument("--eps", type=parse_epsilon, required=True, help="the target run's epsilon (finite)")
+    p.add_argument("--proxy", default="random_images", choices=sorted(PROXY_GENERATORS),
+                   help="public generator of the proxy's images and labels (random_images); it must differ from "
+                        "the generator the run's initial weights were pretrained on")
+    p.add_argument("--learning-rates", type=parse_rates, default=list(DEFAULT_LEARNING_RATES),
+                   help="candidates, comma-separated (3e-3,1e-2,3e-2)")
+    p.add_argument("--fold", default="0", help="the fold whose number of training patients N the proxy copies (0)")
+    p.add_argument("--proxy-validation-patients", type=int, default=DEFAULT_VALIDATION_PATIENTS,
+                   help=f"proxy patients each candidate is scored on ({DEFAULT_VALIDATION_PATIENTS})")
+    p.add_argument("--proxy-seed", type=int, default=0, help="seed of the proxy's images (0)")
+    p.add_argument("-np", "--num-processes", type=int, default=1, help="processes preprocessing the proxy (1)")
+    p.add_argument("--arch", default="unet", help="architecture, as dpunet_train --arch (unet)")
+    p.add_argument("--width", type=float, default=None, help="width multiplier, as dpunet_train")
+    p.add_argument("--init-from", default=None, help="initial weights, as dpunet_train (plan default)")
+    p.add_argument("--pretraining-steps", type=int, default=None, help="as dpunet_train")
+    p.add_argument("--delta", type=float, default=None, help="as dpunet_train (plan default)")
+    p.add_argument("--steps", type=int, default=None, help="DP-SGD steps T, as dpunet_train (plan default)")
+    p.add_argument("--patients-per-step", type=int, default=None, help="expected patients per step q*N")
+    p.add_argument("--patches-per-patient", type=int, default=None, help="patches K per patient")
+    p.add_argument("--clip", type=float, default=None, dest="clip_norm", help="per-patient clip norm C")
+    p.add_argument("--seed", type=int, default=None, help="as dpunet_train (0)")
+    p.add_argument("--engine", default=None, help="per-patient gradient engine, as dpunet_train")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from dpunet.planning.plans import load_plans
+    from dpunet.tuning.tune import tune_public
+
+    args = build_parser().parse_args(argv)
+    if args.proxy_validation_patients < 1:
+        raise DpunetError("--proxy-validation-patients must be at least 1")
+    task_name, _ = load_plans(args.task)
+    options = {k: getattr(args, k) for k in ("arch", "width", "init_from", "pretraining_steps", "delta", "steps",
+                                             "patients_per_step", "patches_per_patient", "clip_norm", "seed",
+                                             "engine")}
+    options["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path, record = tune_public(task_name, args.configuration, args.eps, args.proxy, args.learning_rates, args.fold,
+                               args.proxy_validation_patients, args.proxy_seed, args.num_processes, **options)
+    print(f"public proxy: {record['proxy']['source']}")
+    for c in record["candidates"]:
+        dice = c["proxy_mean_foreground_dice"]
+        print(f"  lr {c['learning_rate']:g}: proxy Dice {'nan' if dice is None else f'{dice:.4f}'} "
+              f"({c['seconds']:.0f} s{', reused' if c['reused_finished_run'] else ''})")
+    print(f"chosen learning rate {record['chosen']['learning_rate']:g} -> {path} ({record['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
