@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches-per-patient", type=int, default=None, help="patches K per patient, averaged")
     p.add_argument("--clip", type=float, default=None, dest="clip_norm", help="per-patient clip norm C")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw", "nadam"])
-    p.add_argument("--lr", type=float, default=None, dest="learning_rate", help="learning rate")
+    p.add_argument("--lr", type=float, default=None, dest="learning_rate",
+                   help="learning rate (default: the plan's, or the choice of a public tuning file that "
+                        "dpunet_tune_public made for these settings; documentation/tuning.md)")
     p.add_argument("--momentum", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--lr-schedule", default=None, choices=["constant", "cosine", "poly"])
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"privacy: epsilon {report['epsilon']['prv']} (PRV) / {report['epsilon']['rdp']} (RDP) at delta "
           f"{run.options['delta']}, sigma {report['noise_multiplier']}, q {report['sample_rate']:.4f}, "
           f"T {report['steps_taken']}")
+    tuning = run.options.get("public_tuning")
+    if tuning:
+        print(f"learning rate {tuning['learning_rate']:g} from the public tuning file {tuning['path']}")
     if run.validation:
         mean = run.validation["mean"]
         print("validation Dice: " + json.dumps({k: round(v["Dice"], 4) for k, v in mean.items()}))
