@@ -186,7 +186,6 @@ def test_the_real_template_is_fetched_and_checked(tmp_path, monkeypatch):
 
 
 def test_pretraining_and_fine_tuning_from_synthetic_brains(env, fake_template, tmp_path):
-    folder, _ = fake_template
     with pytest.raises(SystemExit) as done:
         pretrain_main(["990", "-c", "2d", "--init-from", "synthetic_brain", "--steps", "2", "--batch-size", "2"])
     assert done.value.code == 0

@@ -80,7 +80,7 @@ def _download_into(cache: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="dpunet_nilearn_") as tmp:
         command = [sys.executable, "-m", "pip", "download", f"nilearn=={NILEARN_VERSION}", "--no-deps",
                    "--no-cache-dir", "-d", tmp]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
         wheel = Path(tmp) / WHEEL
         if done.returncode != 0 or not wheel.is_file():
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -90,9 +90,9 @@ def _download_into(cache: Path) -> None:
         cache.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel) as archive:
             for name, _ in FILES.values():
-                with archive.open(f"{WHEEL_FOLDER}/{name}") as src, atomic_path(cache / name) as tmp_path:
-                    with open(tmp_path, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                with archive.open(f"{WHEEL_FOLDER}/{name}") as src, atomic_path(cache / name) as tmp_path, \
+                        open(tmp_path, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
 
 
 def fetch_mni_template(cache_dir: Path | None = None) -> MniTemplate:
