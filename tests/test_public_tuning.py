@@ -158,3 +158,27 @@ def test_a_proxy_from_the_pretraining_source_is_refused(roots, use_roots):
         tune_public(TASK, "2d", 8.0, proxy="random_images", learning_rates=RATES, device="cpu",
                     **{**RUN, "init_from": "random_images"})
     assert sorted(p.name for p in (roots["preprocessed"] / TASK).iterdir()) == before
+
+
+def test_the_statement_names_what_stays_private_on_the_task_the_defaults_were_tuned_on():
+    from dpunet.planning.dp_plan import DEFAULTS_TUNED_ON_TASK
+    from dpunet.planning.public_tuning import public_tuning_statement
+
+    on_hippocampus = public_tuning_statement("public_tuning__2d__unet__eps8.json", "ab" * 32, "synthetic_brain",
+                                             DEFAULTS_TUNED_ON_TASK)
+    elsewhere = public_tuning_statement("public_tuning__2d__unet__eps8.json", "ab" * 32, "synthetic_brain",
+                                        "Task990_Synthetic3D")
+    assert "pretraining length was chosen on private validation data of THIS task" in on_hippocampus
+    assert "THIS task" not in elsewhere and "public proxy" in elsewhere and "ab" * 32 in elsewhere
+
+
+def test_a_file_that_is_not_a_tuning_record_is_refused(tmp_path):
+    from dpunet.planning.public_tuning import load_public_tuning
+
+    bad = tmp_path / "public_tuning__2d__unet__eps8.json"
+    bad.write_text(json.dumps({"format": "dpunet-public-tuning-v1", "chosen": {"learning_rate": -1}}))
+    with pytest.raises(DpunetError, match="positive"):
+        load_public_tuning(bad)
+    bad.write_text(json.dumps({"chosen": {"learning_rate": 0.01}}))
+    with pytest.raises(DpunetError, match="not a dpunet public tuning file"):
+        load_public_tuning(bad)

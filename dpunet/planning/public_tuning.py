@@ -13,6 +13,7 @@ from typing import Any
 
 from dpunet.dataset.tasks import load_preprocessed_task
 from dpunet.paths import preprocessed_root
+from dpunet.planning.dp_plan import DEFAULTS_TUNED_ON_TASK, DEFAULTS_TUNING
 from dpunet.planning.splits import fold_cases
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import file_sha256, load_json
@@ -79,12 +80,15 @@ def settings_mismatch(record: dict[str, Any], settings: dict[str, Any]) -> list[
     return differ
 
 
-def public_tuning_statement(path: str | Path, sha256: str, proxy_source: str) -> str:
+def public_tuning_statement(path: str | Path, sha256: str, proxy_source: str, task_name: str) -> str:
     """The privacy report's hyperparameter sentence for a learning rate taken from a public tuning file."""
+    others = (f"The plan's pretraining length was chosen on private validation data of THIS task ({DEFAULTS_TUNING}): "
+              f"that default, if used, is not covered; neither is any tuning you did on private data"
+              if task_name == DEFAULTS_TUNED_ON_TASK else
+              "Any tuning you did on private data of this task is not covered by the guarantee")
     return (f"hyperparameters: the learning rate was chosen on a public proxy task, not on private data: "
             f"{Path(path).name} (sha256 {sha256}), proxy {proxy_source}; it read only the target's public "
-            f"metadata (image headers via the plan, dataset.json, the number of training patients). The plan's "
-            f"other defaults and any tuning you did on private data of this task are not covered by that statement")
+            f"metadata (image headers via the plan, dataset.json, the number of training patients). {others}")
 
 
 def describe_for_report(path: Path) -> dict[str, str]:

@@ -691,7 +691,8 @@ class DPTrainer:
         """Where the hyperparameters came from: a public tuning file (dpunet_tune_public), else the plan's."""
         tuning = self.cfg.public_tuning
         if tuning:
-            return public_tuning_statement(tuning["path"], tuning["sha256"], tuning["proxy_source"])
+            return public_tuning_statement(tuning["path"], tuning["sha256"], tuning["proxy_source"],
+                                           self.task_name)
         return hyperparameter_statement(self.task_name)
 
     def privacy_report(self) -> dict[str, Any]:

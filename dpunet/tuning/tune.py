@@ -46,7 +46,8 @@ NOT_CARRIED = ("task", "fold", "configuration", "epsilon", "learning_rate", "ini
 @contextlib.contextmanager
 def dpunet_roots(base: Path) -> Iterator[None]:
     """$DPUNET_RAW/PREPROCESSED/RESULTS under `base` for the duration (the proxy's own roots)."""
-    keys = {"DPUNET_RAW": base / "raw", "DPUNET_PREPROCESSED": base / "preprocessed", "DPUNET_RESULTS": base / "results"}
+    keys = {"DPUNET_RAW": base / "raw", "DPUNET_PREPROCESSED": base / "preprocessed",
+            "DPUNET_RESULTS": base / "results"}
     before = {k: os.environ.get(k) for k in keys}
     os.environ.update({k: str(v) for k, v in keys.items()})
     try:
