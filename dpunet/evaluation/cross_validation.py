@@ -20,7 +20,7 @@ import numpy as np
 from dpunet.dataset.msd import case_id_from_path
 from dpunet.evaluation.evaluate import aggregate_metrics
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
-from dpunet.pretraining.sources import PUBLIC_SOURCES
+from dpunet.planning.dp_plan import PUBLIC_PRETRAINING_SOURCES
 from dpunet.release import private_folder, release_folder
 from dpunet.utils.errors import DpunetError, cli_entry
 from dpunet.utils.files import read_json_file, write_json, write_text
@@ -57,7 +57,7 @@ def _init_label(init_from: str) -> str:
     """'none' and the public sources (random_images, synthetic_brain) stay readable; a checkpoint path becomes
     its stem plus a short hash of the path (two checkpoints with the same file name stay apart, and '/' never
     enters a folder name)."""
-    if init_from == "none" or init_from in PUBLIC_SOURCES:
+    if init_from == "none" or init_from in PUBLIC_PRETRAINING_SOURCES:
         return init_from
     stem = Path(init_from).name.split(".")[0] or "checkpoint"
     stem = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in stem)[:24]

@@ -83,6 +83,11 @@ def hyperparameter_statement(task_name: str) -> str:
             f"you did on private data of this task is not covered by the guarantee")
 
 
+# the public pretraining sources `--init-from` can name (dpunet.pretraining.sources maps each to its generator);
+# here so that lower layers (run names in evaluation) know them without importing the generators
+PUBLIC_PRETRAINING_SOURCES = ("random_images", "synthetic_brain")
+
+
 def training_defaults(private: bool, dim: int = 3) -> dict[str, Any]:
     """Optimiser recipe stored in the plan (design brief s.4); every entry can be overridden by an option.
 

@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from dpunet.planning.dp_plan import PUBLIC_PRETRAINING_SOURCES
+
 BatchFunction = Callable[[np.random.Generator, int, "list[int]", int, int], "tuple[np.ndarray, np.ndarray]"]
 
 RANDOM_IMAGES = "random_images"
@@ -39,6 +41,9 @@ PUBLIC_SOURCES: dict[str, Callable[[], tuple[BatchFunction, str]]] = {
     RANDOM_IMAGES: _random_images,
     SYNTHETIC_BRAIN: _synthetic_brain,
 }
+
+
+assert tuple(PUBLIC_SOURCES) == PUBLIC_PRETRAINING_SOURCES, "keep dpunet.planning.dp_plan's list in step"
 
 
 def is_public_source(init_from: str | None) -> bool:
