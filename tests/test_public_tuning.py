@@ -182,3 +182,20 @@ def test_a_file_that_is_not_a_tuning_record_is_refused(tmp_path):
     bad.write_text(json.dumps({"chosen": {"learning_rate": 0.01}}))
     with pytest.raises(DpunetError, match="not a dpunet public tuning file"):
         load_public_tuning(bad)
+
+
+def test_continue_refuses_a_run_whose_tuning_file_changed(roots, tuned, use_roots, tmp_path):
+    """The report names the file the learning rate came from: a file that appears, goes or changes between the
+    start and --continue would make it wrong."""
+    import dpunet
+
+    use_roots(roots)
+    options = dict(configuration="2d", validation=False, device="cpu", run_tag="resume_tuning", **RUN)
+    dpunet.train(990, 0, 8, **options)
+    moved = tmp_path / "moved.json"
+    tuned["path"].rename(moved)
+    try:
+        with pytest.raises(DpunetError, match="public_tuning"):
+            dpunet.train(990, 0, 8, resume=True, **options)
+    finally:
+        moved.rename(tuned["path"])

@@ -77,7 +77,9 @@ NOISE_NORM_WARNING = 2.0
 DEFAULT_MEMORY_GB = 16.0
 # options that shape the weights or the optimiser state a checkpoint holds
 RESUME_FIXED_OPTIONS = ("arch", "width", "dp_norm", "norm_groups", "output_stride", "encoder_depth", "trainable",
-                        "init_from", "pretraining_steps", "deep_supervision", "optimizer")
+                        "init_from", "pretraining_steps", "deep_supervision", "optimizer",
+                        # the report's hyperparameter statement names the tuning file the learning rate came from
+                        "public_tuning")
 
 
 class DPTrainer:
