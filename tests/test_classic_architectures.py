@@ -281,12 +281,12 @@ def test_dpunet_archs_rows_name_the_paper_dims_parameters_and_engines():
 
 
 def test_random_image_pretraining_runs_a_classic_network_without_deep_supervision(tmp_path):
-    from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_random_images
+    from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_public_data
 
     plan_config = {"architecture": plan_arch(3), "patch_size": PATCH[3]}
     cfg = PretrainingConfig(arch="pspnet", width=WIDTH, steps=2, batch_size=2)  # deep_supervision=True
     out = tmp_path / "pre.pt"
-    summary = pretrain_on_random_images(plan_config, 1, NUM_CLASSES, cfg, out, "TaskTest")
+    summary = pretrain_on_public_data(plan_config, 1, NUM_CLASSES, cfg, out, "TaskTest")
     assert out.is_file() and summary["steps"] == 2
     state = torch.load(out, weights_only=True)
     assert state["architecture"]["class_name"] == "PSPNet"

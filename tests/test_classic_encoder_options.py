@@ -100,7 +100,7 @@ def test_encoder_depth_34_adds_resnet34s_blocks(name, dim):
     ("pspnet", {"encoder_depth": 50}, "--encoder-depth must be one of 18, 34"),
 ])
 def test_refusals_name_the_option(name, options, message, tmp_path):
-    from dpunet.pretraining.pretrain import pretrain_on_random_images
+    from dpunet.pretraining.pretrain import pretrain_on_public_data
 
     with pytest.raises(DpunetError, match=message):
         apply_preset(plan_config()["architecture"], name, WIDTH, [64, 64], **options)
@@ -109,7 +109,7 @@ def test_refusals_name_the_option(name, options, message, tmp_path):
                                 "training": {}},
                                {"task": "T", "configuration": "2d", "fold": "0", "arch": name, **options})
     with pytest.raises(DpunetError, match=message):  # dpunet_pretrain, before its first step
-        pretrain_on_random_images(plan_config(), 1, NUM_CLASSES, PretrainingConfig(arch=name, width=WIDTH, steps=1,
+        pretrain_on_public_data(plan_config(), 1, NUM_CLASSES, PretrainingConfig(arch=name, width=WIDTH, steps=1,
                                                                                   batch_size=1, **options),
                                   tmp_path / "pretrained.pt", "T")
     assert not (tmp_path / "pretrained.pt").exists()

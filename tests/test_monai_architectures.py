@@ -508,12 +508,12 @@ def test_dpunet_archs_lists_every_name_with_source_dims_parameters_and_engines(c
 
 
 def test_random_image_pretraining_runs_a_monai_network_without_deep_supervision(tmp_path):
-    from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_random_images
+    from dpunet.pretraining.pretrain import PretrainingConfig, pretrain_on_public_data
 
     plan_config = {"architecture": plan_arch(2), "patch_size": [16, 16]}
     cfg = PretrainingConfig(arch="attention_unet", width=0.25, steps=2, batch_size=2)  # deep_supervision=True
     out = tmp_path / "pre.pt"
-    summary = pretrain_on_random_images(plan_config, 1, NUM_CLASSES, cfg, out, "TaskTest")
+    summary = pretrain_on_public_data(plan_config, 1, NUM_CLASSES, cfg, out, "TaskTest")
     assert out.is_file() and summary["steps"] == 2
     state = torch.load(out, weights_only=True)
     assert state["architecture"]["class_name"] == "MonaiNet"
@@ -522,7 +522,7 @@ def test_random_image_pretraining_runs_a_monai_network_without_deep_supervision(
     # a patch UNETR cannot take: the pretraining trains on the adapted patch, as dpunet_train does
     plan_config = {"architecture": plan_arch(3), "patch_size": [10, 32, 32], "median_shape": [10, 32, 32]}
     cfg = PretrainingConfig(arch="unetr", width=0.0625, steps=1, batch_size=1)
-    pretrain_on_random_images(plan_config, 1, NUM_CLASSES, cfg, out, "TaskTest")
+    pretrain_on_public_data(plan_config, 1, NUM_CLASSES, cfg, out, "TaskTest")
     assert torch.load(out, weights_only=True)["architecture"]["patch_size"] == [16, 32, 32]
 
 

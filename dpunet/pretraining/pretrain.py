@@ -119,7 +119,3 @@ def pretrain_on_public_data(plan_config: dict[str, Any], num_channels: int, num_
         "pretraining_summary": summary,
     }, output)
     return summary
-
-
-# the name it had when random images were the only source (tests and scripts call it)
-pretrain_on_random_images = pretrain_on_public_data

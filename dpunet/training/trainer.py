@@ -188,7 +188,7 @@ class DPTrainer:
         if distributed.is_main_process() and not path.is_file():
             tqdm.write(f"pretraining on {cfg.init_from} (public, no patient data) -> {path}")
             pretrain_on_public_data(self.plan_config, self.task.num_channels, self.task.num_classes, pretraining,
-                                      path, self.task_name)
+                                    path, self.task_name)
         distributed.barrier()
         return path
 
