@@ -67,6 +67,11 @@ def load_public_tuning(path: Path) -> dict[str, Any]:
     return record
 
 
+def run_settings(cfg: Any, patients_per_step: int) -> dict[str, Any]:
+    """The MATCHED_SETTINGS of a run (a TrainingConfig), with its expected patients per step q*N."""
+    return {key: patients_per_step if key == "patients_per_step" else getattr(cfg, key) for key in MATCHED_SETTINGS}
+
+
 def settings_mismatch(record: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     """'name: tuned X, run Y' for every matched setting the run does not share with the tuning."""
     tuned = record.get("settings", {})

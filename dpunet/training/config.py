@@ -156,7 +156,8 @@ def apply_public_tuning(cfg: TrainingConfig, plan_config: dict[str, Any]) -> Non
     configuration, arch, epsilon and the run's settings; a file made for other settings is named and not used."""
     from dpunet.paths import preprocessed_root, raw_root, resolve_task
     from dpunet.planning.public_tuning import (describe_for_report, expected_patients_per_step, fold_num_patients,
-                                               load_public_tuning, public_tuning_path, settings_mismatch)
+                                               load_public_tuning, public_tuning_path, run_settings,
+                                               settings_mismatch)
 
     try:
         task_name = resolve_task(cfg.task, preprocessed_root(), raw_root())
@@ -166,10 +167,8 @@ def apply_public_tuning(cfg: TrainingConfig, plan_config: dict[str, Any]) -> Non
     if not path.is_file():
         return
     record = load_public_tuning(path)
-    settings = {"width": cfg.width, "steps": cfg.steps, "patches_per_patient": cfg.patches_per_patient,
-                "clip_norm": cfg.clip_norm, "delta": cfg.delta, "init_from": cfg.init_from,
-                "patients_per_step": expected_patients_per_step(plan_config, fold_num_patients(task_name, cfg.fold),
-                                                                cfg.patients_per_step)}
+    settings = run_settings(cfg, expected_patients_per_step(plan_config, fold_num_patients(task_name, cfg.fold),
+                                                            cfg.patients_per_step))
     differ = settings_mismatch(record, settings)
     if differ:
         warn(f"{path.name} was tuned for other settings ({'; '.join(differ)}): not used, the learning rate stays "

@@ -28,7 +28,7 @@ from dpunet.learning.checkpoint import load_checkpoint
 from dpunet.paths import preprocessed_root, raw_root, results_root
 from dpunet.planning.plans import load_training_inputs
 from dpunet.planning.public_tuning import (PUBLIC_TUNING_FORMAT, epsilon_text, expected_patients_per_step,
-                                           public_tuning_path)
+                                           public_tuning_path, run_settings)
 from dpunet.preprocessing.run import preprocess_task
 from dpunet.pretraining.pretrain import pretrained_checkpoint_path
 from dpunet.training.config import TrainingConfig, merge_plan_and_options
@@ -210,9 +210,7 @@ def tune_public(task_name: str, configuration: str, epsilon: float, proxy: str =
     carried.update(epsilon=float(epsilon), init_from=init_path, patients_per_step=patients_per_step)
     candidates = [train_candidate(definition, rate, carried) for rate in rates]
     best = choose(candidates)
-    settings = {"width": cfg.width, "steps": cfg.steps, "patients_per_step": patients_per_step,
-                "patches_per_patient": cfg.patches_per_patient, "clip_norm": cfg.clip_norm, "delta": cfg.delta,
-                "init_from": cfg.init_from}
+    settings = run_settings(cfg, patients_per_step)
     record = {
         "format": PUBLIC_TUNING_FORMAT,
         "what": "the DP learning rate chosen on a public proxy task (dpunet_tune_public); no private label or "
