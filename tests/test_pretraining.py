@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dpunet.pretraining.cli import main as pretrain_main
-from dpunet.pretraining.random_images import random_segmentation_batch, random_segmentation_sample
+from dpunet.pretraining.random_images import random_segmentation_sample
+from dpunet.pretraining.sources import stack_samples
 from dpunet.learning.checkpoint import load_checkpoint, save_checkpoint
 from dpunet.training.initialisation import weights_sha256
 from dpunet.utils.errors import DpunetError
@@ -28,7 +29,7 @@ def test_random_images_are_labelled_standardised_and_reproducible(shape):
 
 def test_random_image_objects_stand_out_by_class():
     """The task is learnable: an object's contrast to the scene grows with its class."""
-    data, seg = random_segmentation_batch(np.random.default_rng(0), 200, (40, 40), 1, 3)
+    data, seg = stack_samples(random_segmentation_sample, np.random.default_rng(0), 200, (40, 40), 1, 3)
     contrast = {1: [], 2: []}
     for x, y in zip(data[:, 0], seg[:, 0]):
         background = x[y == 0]

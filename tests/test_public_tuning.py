@@ -199,3 +199,100 @@ def test_continue_refuses_a_run_whose_tuning_file_changed(roots, tuned, use_root
             dpunet.train(990, 0, 8, resume=True, **options)
     finally:
         moved.rename(tuned["path"])
+
+
+# --- tuning steps and patients per step as well (a grid of candidates) ---
+
+GRID_STEPS, GRID_PATIENTS = (2, 3), (2, 3)
+
+
+@pytest.fixture(scope="module")
+def grid_roots(tmp_path_factory) -> dict[str, Path]:
+    return plan_synthetic_task(tmp_path_factory.mktemp("public_tuning_grid"), "-c", "2d", "--width", "0.25")
+
+
+@pytest.fixture(scope="module")
+def grid_tuned(grid_roots):
+    from dpunet.tuning import cli
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in grid_roots.items():
+            mp.setenv(f"DPUNET_{k.upper()}", str(v))
+        with pytest.raises(SystemExit) as done:
+            cli.main(["-t", "990", "-c", "2d", "--eps", "8", "--proxy", "random_images", "--learning-rates", "3e-2",
+                      "--steps", ",".join(map(str, GRID_STEPS)), "--patients-per-step",
+                      ",".join(map(str, GRID_PATIENTS)), "--patches-per-patient", "1", "--init-from", "none",
+                      "--proxy-validation-patients", str(VALIDATION_PATIENTS), "--device", "cpu"])
+        assert done.value.code == 0
+    path = grid_roots["preprocessed"] / TASK / public_tuning_file_name("2d", "unet", 8.0)
+    return {"path": path, "record": json.loads(path.read_text())}
+
+
+def test_a_grid_has_one_candidate_per_combination_each_with_its_own_noise(grid_roots, grid_tuned):
+    record = grid_tuned["record"]
+    n = _fold0_training_patients(grid_roots)
+    assert record["tuned"] == ["learning_rate", "steps", "patients_per_step"]
+    combos = sorted((c["steps"], c["patients_per_step"]) for c in record["candidates"])
+    assert combos == sorted((t, b) for t in GRID_STEPS for b in GRID_PATIENTS)
+    for c in record["candidates"]:
+        sigma = calibrate_noise_multiplier(8.0, 1e-5, c["patients_per_step"] / n, c["steps"], accountant="prv")
+        assert math.isclose(c["noise_multiplier"], sigma, rel_tol=1e-9)
+        assert c["patches_per_patient"] == 1 and c["learning_rate"] == 3e-2
+    best = max(record["candidates"], key=lambda c: c["proxy_mean_foreground_dice"])
+    chosen = record["chosen"]
+    assert (chosen["steps"], chosen["patients_per_step"]) == (best["steps"], best["patients_per_step"])
+    assert record["settings"]["steps"] == chosen["steps"]
+    assert record["privacy_parameters"]["noise_multiplier"] == best["noise_multiplier"]
+
+
+def test_dpunet_train_takes_the_tuned_steps_and_patients_and_accounts_for_them(grid_roots, grid_tuned, use_roots):
+    import dpunet
+
+    use_roots(grid_roots)
+    run = dpunet.train(990, 0, epsilon=8, configuration="2d", validation=False, device="cpu",
+                       patches_per_patient=1, init_from="none")
+    chosen = grid_tuned["record"]["chosen"]
+    n = _fold0_training_patients(grid_roots)
+    assert run.options["steps"] == chosen["steps"] and run.options["patients_per_step"] == chosen["patients_per_step"]
+    report = run.privacy_report
+    assert report["steps_taken"] == chosen["steps"]
+    assert math.isclose(report["sample_rate"], chosen["patients_per_step"] / n, rel_tol=1e-12)
+    sigma = calibrate_noise_multiplier(8.0, 1e-5, chosen["patients_per_step"] / n, chosen["steps"],
+                                       accountant="prv")
+    assert math.isclose(report["noise_multiplier"], sigma, rel_tol=1e-9)
+    statement = [c for c in report["caveats"] if c.startswith("hyperparameters:")][0]
+    assert "the number of steps T" in statement and "the expected patients per step" in statement
+
+
+def test_a_tuned_setting_given_on_the_command_line_must_equal_the_chosen_one(grid_roots, grid_tuned, use_roots,
+                                                                          capsys):
+    from dpunet.planning.plans import load_training_inputs
+
+    use_roots(grid_roots)
+    chosen = grid_tuned["record"]["chosen"]
+    _, _, plan_config, _, _ = load_training_inputs(TASK, "2d")
+    base = {"task": "990", "fold": "0", "epsilon": 8.0, "configuration": "2d", "patches_per_patient": 1,
+            "init_from": "none"}
+    same = merge_plan_and_options(plan_config, {**base, "steps": chosen["steps"]})
+    assert same.public_tuning is not None and same.learning_rate == chosen["learning_rate"]
+    assert same.public_tuning["taken"] == {"learning_rate": chosen["learning_rate"],
+                                           "patients_per_step": chosen["patients_per_step"]}
+    other = [t for t in GRID_STEPS if t != chosen["steps"]][0]
+    differ = merge_plan_and_options(plan_config, {**base, "steps": other})
+    assert differ.public_tuning is None and differ.steps == other
+    assert f"steps: tuned {chosen['steps']}, run {other}" in capsys.readouterr().err
+
+
+def test_the_tuned_sample_rate_carries_over_to_folds_of_another_size():
+    from dpunet.planning.public_tuning import settings_mismatch, transferred_patients_per_step
+
+    record = {"target": {"num_patients": 161}, "chosen": {"patients_per_step": 161},
+              "settings": {"patients_per_step": 161}}
+    assert transferred_patients_per_step(record, 157) == 157  # every patient stays every patient
+    record_64 = {"target": {"num_patients": 161}, "chosen": {"patients_per_step": 64},
+                 "settings": {"patients_per_step": 64}}
+    assert transferred_patients_per_step(record_64, 157) == 62  # q = 64/161 of 157
+    assert not [d for d in settings_mismatch(record_64, {"patients_per_step": 63}, 157) if "patients" in d]
+    assert [d for d in settings_mismatch(record_64, {"patients_per_step": 70}, 157) if "patients" in d]
+    # without N the count itself must match (as before)
+    assert [d for d in settings_mismatch(record_64, {"patients_per_step": 63}) if "patients" in d]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from functools import partial
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +18,8 @@ from dpunet.evaluation.cross_validation import run_folder_name
 from dpunet.learning.checkpoint import load_checkpoint
 from dpunet.pretraining import mni_template
 from dpunet.pretraining.cli import main as pretrain_main
-from dpunet.pretraining.synthetic_brain import synthetic_brain_batch, synthetic_brain_sample
+from dpunet.pretraining.sources import stack_samples
+from dpunet.pretraining.synthetic_brain import synthetic_brain_sample
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import file_sha256
 from tests.test_training import env, make_trainer, roots  # noqa: F401  (shared synthetic task)
@@ -68,7 +70,7 @@ def test_samples_keep_the_random_images_contract(fake_template, shape):
     assert np.array_equal(image, again[0]) and np.array_equal(labels, again[1])
     other = synthetic_brain_sample(np.random.default_rng(4), shape, 2, 3, template)
     assert not np.array_equal(image, other[0])
-    data, seg = synthetic_brain_batch(np.random.default_rng(0), 3, shape, 2, 3, template)
+    data, seg = stack_samples(partial(synthetic_brain_sample, template=template), np.random.default_rng(0), 3, shape, 2, 3)
     assert data.shape == (3, 2, *shape) and seg.shape == (3, 1, *shape)
 
 

@@ -22,11 +22,10 @@ from dpunet.architectures import (arch_for_configuration, build_network, is_mona
                                   supervision_levels)
 from dpunet.architectures.classic_nets import DEFAULT_ENCODER_DEPTH, default_output_stride, is_classic_arch
 from dpunet.paths import results_root
-from dpunet.pretraining.sources import PUBLIC_SOURCES, RANDOM_IMAGES
+from dpunet.pretraining.sources import RANDOM_IMAGES, public_source
 from dpunet.learning.checkpoint import save_checkpoint
 from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
 from dpunet.learning.schedule import lr_factor, make_optimizer
-from dpunet.utils.errors import DpunetError
 
 
 
@@ -76,9 +75,7 @@ def pretrain_on_public_data(plan_config: dict[str, Any], num_channels: int, num_
                             cfg: PretrainingConfig, output: Path, task_name: str) -> dict[str, Any]:
     """Train the planned network on `cfg.source`'s images for `cfg.steps` steps; write the checkpoint to
     `output` (atomically) and return a summary (losses at the start and the end)."""
-    if cfg.source not in PUBLIC_SOURCES:
-        raise DpunetError(f"pretraining source {cfg.source!r} is unknown (known: {', '.join(PUBLIC_SOURCES)})")
-    make_batch, public_source = PUBLIC_SOURCES[cfg.source]()
+    make_batch, description = public_source(cfg.source, "pretraining source").load_batches()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     # the patch the network is built for (a MONAI network may adapt the plan's, as dpunet_train does)
@@ -114,7 +111,7 @@ def pretrain_on_public_data(plan_config: dict[str, Any], num_channels: int, num_
         "architecture": arch,
         "num_classes": num_classes,
         "num_channels": num_channels,
-        "public_source": public_source.format(seed=cfg.seed),
+        "public_source": description.format(seed=cfg.seed),
         "config": {"task": f"{cfg.source} for {task_name}", "configuration": "pretraining", **asdict(cfg)},
         "pretraining_summary": summary,
     }, output)

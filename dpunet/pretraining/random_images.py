@@ -90,10 +90,3 @@ def _sample(rng: np.random.Generator, shape: tuple[int, ...], channels: int, num
             channel = channel * (1 - soft) + soft * (contrast + texture)
         image[c] = channel * bias + rng.uniform(0.02, 0.15) * rng.standard_normal(shape).astype(np.float32)
     return _standardise(image), labels[None]
-
-
-def random_segmentation_batch(rng: np.random.Generator, batch: int, shape: Sequence[int], channels: int,
-                              num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """`batch` independent samples stacked: ((B, channels, *shape), (B, 1, *shape))."""
-    pairs = [random_segmentation_sample(rng, shape, channels, num_classes) for _ in range(batch)]
-    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -133,10 +133,3 @@ def synthetic_brain_sample(rng: np.random.Generator, shape: Sequence[int], chann
         labels = torch.nn.functional.interpolate(torch.from_numpy(labels.astype(np.float32))[None, None],
                                                  size=shape, mode="nearest")[0, 0].numpy().astype(np.int16)
     return _standardise(image), labels[None]
-
-
-def synthetic_brain_batch(rng: np.random.Generator, batch: int, shape: Sequence[int], channels: int,
-                          num_classes: int, template: MniTemplate) -> tuple[np.ndarray, np.ndarray]:
-    """`batch` independent samples stacked: ((B, channels, *shape), (B, 1, *shape))."""
-    pairs = [synthetic_brain_sample(rng, shape, channels, num_classes, template) for _ in range(batch)]
-    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
           f"T {report['steps_taken']}")
     tuning = run.options.get("public_tuning")
     if tuning:
-        print(f"learning rate {tuning['learning_rate']:g} from the public tuning file {tuning['path']}")
+        taken = tuning.get("taken", {"learning_rate": tuning["learning_rate"]})
+        print(f"from the public tuning file {tuning['path']}: "
+              + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in taken.items()))
     if run.validation:
         mean = run.validation["mean"]
         print("validation Dice: " + json.dumps({k: round(v["Dice"], 4) for k, v in mean.items()}))

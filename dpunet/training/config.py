@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from dpunet.architectures.classic_nets import DEFAULT_ENCODER_DEPTH, classic_encoder_options, is_classic_arch
@@ -101,6 +101,14 @@ class TrainingConfig:
         return {k: d[k] for k in PRIVACY_FIELDS}
 
 
+def pretraining_config(cfg: TrainingConfig) -> PretrainingConfig:
+    """The pretraining a run starting from a named public source uses (its cached file is named by it)."""
+    return PretrainingConfig(arch=cfg.arch, width=cfg.width, steps=cfg.pretraining_steps,
+                             batch_size=cfg.pretraining_batch_size, learning_rate=cfg.pretraining_learning_rate,
+                             seed=cfg.seed, device=cfg.device, dp_norm=cfg.dp_norm, norm_groups=cfg.norm_groups,
+                             output_stride=cfg.output_stride, encoder_depth=cfg.encoder_depth, source=cfg.init_from)
+
+
 def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any]) -> TrainingConfig:
     """Plan entries first (dp and training blocks), then every option the user gave (not None)."""
     dp, train = plan_config["dp"], plan_config["training"]
@@ -147,17 +155,18 @@ def merge_plan_and_options(plan_config: dict[str, Any], options: dict[str, Any])
     if cfg.patients_per_step is not None and cfg.patients_per_step < 1:
         raise DpunetError(f"--patients-per-step must be at least 1, got {cfg.patients_per_step}")
     if options.get("task") is not None and options.get("learning_rate") is None and cfg.private:
-        apply_public_tuning(cfg, plan_config)
+        apply_public_tuning(cfg, plan_config, options)
     return cfg
 
 
-def apply_public_tuning(cfg: TrainingConfig, plan_config: dict[str, Any]) -> None:
-    """Take the learning rate from the task's public tuning file (dpunet_tune_public) when one was made for this
-    configuration, arch, epsilon and the run's settings; a file made for other settings is named and not used."""
+def apply_public_tuning(cfg: TrainingConfig, plan_config: dict[str, Any], options: dict[str, Any]) -> None:
+    """Take the hyperparameters the task's public tuning file (dpunet_tune_public) chose, when one was made for this
+    configuration, arch, epsilon and the run's other settings; a file made for other settings is named and not
+    used. A tuned setting the user gave (`options`) is not replaced: it must equal the tuned value."""
     from dpunet.paths import preprocessed_root, raw_root, resolve_task
     from dpunet.planning.public_tuning import (describe_for_report, expected_patients_per_step, fold_num_patients,
                                                load_public_tuning, public_tuning_path, run_settings,
-                                               settings_mismatch)
+                                               settings_mismatch, transferred_patients_per_step, tuned_keys)
 
     try:
         task_name = resolve_task(cfg.task, preprocessed_root(), raw_root())
@@ -167,12 +176,17 @@ def apply_public_tuning(cfg: TrainingConfig, plan_config: dict[str, Any]) -> Non
     if not path.is_file():
         return
     record = load_public_tuning(path)
-    settings = run_settings(cfg, expected_patients_per_step(plan_config, fold_num_patients(task_name, cfg.fold),
-                                                            cfg.patients_per_step))
-    differ = settings_mismatch(record, settings)
+    num_patients = fold_num_patients(task_name, cfg.fold)
+    taken = {k: record["chosen"][k] for k in tuned_keys(record) if options.get(k) is None}
+    if "patients_per_step" in taken:
+        taken["patients_per_step"] = transferred_patients_per_step(record, num_patients)
+    trial = replace(cfg, **taken)
+    settings = run_settings(trial, expected_patients_per_step(plan_config, num_patients, trial.patients_per_step))
+    differ = settings_mismatch(record, settings, num_patients)
     if differ:
         warn(f"{path.name} was tuned for other settings ({'; '.join(differ)}): not used, the learning rate stays "
              f"{cfg.learning_rate:g} (the plan's); rerun dpunet_tune_public with this run's options, or give --lr")
         return
-    cfg.public_tuning = describe_for_report(path)
-    cfg.learning_rate = cfg.public_tuning["learning_rate"]
+    for key, value in taken.items():
+        setattr(cfg, key, value)
+    cfg.public_tuning = describe_for_report(path, taken)

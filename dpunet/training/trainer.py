@@ -44,10 +44,9 @@ from dpunet.privacy.report import build_privacy_report, render_privacy_report_ma
 from dpunet.privacy.sampling import PoissonPatientSampler
 from dpunet.release import CHECKPOINT_FILE, private_folder, release_folder, write_release
 from dpunet.pretraining.sources import is_public_source
-from dpunet.pretraining.pretrain import (PretrainingConfig, pretrain_on_public_data,
-                                         pretrained_checkpoint_path)
+from dpunet.pretraining.pretrain import pretrain_on_public_data, pretrained_checkpoint_path
 from dpunet.learning.checkpoint import load_checkpoint, save_checkpoint
-from dpunet.training.config import TrainingConfig
+from dpunet.training.config import TrainingConfig, pretraining_config
 from dpunet.training import distributed
 from dpunet.training.dataloading import PatientPatchSampler, PreprocessedCaseStore, iterate_micro_batches
 from dpunet.training.loader_workers import BackgroundPatientLoader
@@ -167,14 +166,6 @@ class DPTrainer:
             return PrivateRandomness.insecure_from_seed(self.cfg.seed)
         return PrivateRandomness(distributed.broadcast_bytes(PrivateRandomness.secure().key), reproducible=False)
 
-    def _pretraining_config(self) -> PretrainingConfig:
-        cfg = self.cfg
-        return PretrainingConfig(arch=cfg.arch, width=cfg.width, steps=cfg.pretraining_steps,
-                                 batch_size=cfg.pretraining_batch_size, learning_rate=cfg.pretraining_learning_rate,
-                                 seed=cfg.seed, device=cfg.device, dp_norm=cfg.dp_norm, norm_groups=cfg.norm_groups,
-                                 output_stride=cfg.output_stride, encoder_depth=cfg.encoder_depth,
-                                 source=cfg.init_from)
-
     def _initial_weights_path(self) -> Path | None:
         """None (random initialisation), the given checkpoint, or the cached pretraining on the named public
         source (random_images, synthetic_brain; made by rank 0 first if missing, the others wait for it)."""
@@ -183,7 +174,7 @@ class DPTrainer:
             return None
         if not is_public_source(cfg.init_from):
             return Path(cfg.init_from)
-        pretraining = self._pretraining_config()
+        pretraining = pretraining_config(self.cfg)
         path = pretrained_checkpoint_path(self.task_name, cfg.configuration, pretraining)
         if distributed.is_main_process() and not path.is_file():
             tqdm.write(f"pretraining on {cfg.init_from} (public, no patient data) -> {path}")
@@ -287,7 +278,7 @@ class DPTrainer:
         cfg = self.cfg
         if not is_public_source(cfg.init_from):
             return 0
-        path = pretrained_checkpoint_path(self.task_name, cfg.configuration, self._pretraining_config())
+        path = pretrained_checkpoint_path(self.task_name, cfg.configuration, pretraining_config(self.cfg))
         return 0 if path.is_file() else cfg.pretraining_steps
 
     def estimate_run_time(self) -> RunTimeEstimate:
@@ -694,7 +685,7 @@ class DPTrainer:
         tuning = self.cfg.public_tuning
         if tuning:
             return public_tuning_statement(tuning["path"], tuning["sha256"], tuning["proxy_source"],
-                                           self.task_name)
+                                           self.task_name, tuning.get("tuned", ["learning_rate"]))
         return hyperparameter_statement(self.task_name)
 
     def privacy_report(self) -> dict[str, Any]:

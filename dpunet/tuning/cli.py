@@ -1,13 +1,15 @@
 """dpunet_tune_public -t TASK -c CONFIGURATION --eps E [--proxy random_images|synthetic_brain]
-[--learning-rates 3e-3,1e-2,3e-2] [--arch NAME] [--width W] [--steps T] [--patients-per-step B]
-[--patches-per-patient K] ...
+[--learning-rates 3e-3,1e-2,3e-2] [--arch NAME] [--width W] [--steps T[,T2..]] [--patients-per-step B[,B2..]]
+[--patches-per-patient K[,K2..]] ...
 
 Chooses the DP learning rate of the run `dpunet_train TASK FOLD -c CONFIGURATION --eps E` (same options) on a
 public proxy task: the target's public metadata (N, channels, classes, the plan's median shape and spacing) with
 images from a public generator, trained with the target's network and privacy parameters, one run per candidate,
-scored on proxy validation patients. Writes public_tuning__<configuration>__<arch>__eps<E>.json into the target's
-preprocessed folder; dpunet_train then takes its learning rate (unless --lr is given) and the privacy report says
-so. No private image or label is read (documentation/tuning.md)."""
+scored on proxy validation patients. Several comma-separated values of --steps, --patients-per-step or
+--patches-per-patient make them tuned too (every combination is a candidate, each with its own calibrated noise).
+Writes public_tuning__<configuration>__<arch>__eps<E>.json into the target's preprocessed folder; dpunet_train then
+takes the chosen values (unless --lr is given; a tuned setting given on its command line must equal the chosen
+one) and the privacy report says so. No private image or label is read (documentation/tuning.md)."""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +25,16 @@ def parse_rates(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--learning-rates: comma-separated numbers expected, got {text!r}") from None
 
 
+def parse_counts(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated whole numbers expected, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from dpunet.tuning.proxy_task import DEFAULT_VALIDATION_PATIENTS, PROXY_GENERATORS
+    from dpunet.pretraining.sources import PUBLIC_SOURCES
+    from dpunet.tuning.proxy_task import DEFAULT_VALIDATION_PATIENTS
     from dpunet.tuning.tune import DEFAULT_LEARNING_RATES
 
     p = argparse.ArgumentParser(prog="dpunet_tune_public", description=__doc__,
@@ -32,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--task", required=True, help="target task id (4) or name (Task04_Hippocampus)")
     p.add_argument("-c", "--configuration", required=True, help="target plan configuration (2d, 3d_fullres)")
     p.add_argument("--eps", type=parse_epsilon, required=True, help="the target run's epsilon (finite)")
-    p.add_argument("--proxy", default="random_images", choices=sorted(PROXY_GENERATORS),
+    p.add_argument("--proxy", default="random_images", choices=sorted(PUBLIC_SOURCES),
                    help="public generator of the proxy's images and labels (random_images); it must differ from "
                         "the generator the run's initial weights were pretrained on")
     p.add_argument("--learning-rates", type=parse_rates, default=list(DEFAULT_LEARNING_RATES),
@@ -47,14 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, help="initial weights, as dpunet_train (plan default)")
     p.add_argument("--pretraining-steps", type=int, default=None, help="as dpunet_train")
     p.add_argument("--delta", type=float, default=None, help="as dpunet_train (plan default)")
-    p.add_argument("--steps", type=int, default=None, help="DP-SGD steps T, as dpunet_train (plan default)")
-    p.add_argument("--patients-per-step", type=int, default=None, help="expected patients per step q*N")
-    p.add_argument("--patches-per-patient", type=int, default=None, help="patches K per patient")
+    p.add_argument("--steps", type=parse_counts, default=None,
+                   help="DP-SGD steps T, as dpunet_train (plan default); several values: tuned")
+    p.add_argument("--patients-per-step", type=parse_counts, default=None,
+                   help="expected patients per step q*N (values above N mean all); several values: tuned")
+    p.add_argument("--patches-per-patient", type=parse_counts, default=None,
+                   help="patches K per patient; several values: tuned")
     p.add_argument("--clip", type=float, default=None, dest="clip_norm", help="per-patient clip norm C")
     p.add_argument("--seed", type=int, default=None, help="as dpunet_train (0)")
     p.add_argument("--engine", default=None, help="per-patient gradient engine, as dpunet_train")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return p
+
+
+def _values(entry: dict, keys: list[str]) -> str:
+    names = {"learning_rate": "lr", "steps": "T", "patients_per_step": "q*N", "patches_per_patient": "K"}
+    return ", ".join(f"{names[k]} {entry[k]:g}" for k in keys)
 
 
 @cli_entry
@@ -68,18 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.proxy_validation_patients < 1:
         raise DpunetError("--proxy-validation-patients must be at least 1")
     task_name, _ = load_plans(args.task)
-    options = {k: getattr(args, k) for k in ("arch", "width", "init_from", "pretraining_steps", "delta", "steps",
-                                             "patients_per_step", "patches_per_patient", "clip_norm", "seed",
-                                             "engine")}
+    options = {k: getattr(args, k) for k in ("arch", "width", "init_from", "pretraining_steps", "delta", "clip_norm",
+                                             "seed", "engine")}
     options["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    search = {k: getattr(args, k) for k in ("steps", "patients_per_step", "patches_per_patient")
+              if getattr(args, k) is not None}
     path, record = tune_public(task_name, args.configuration, args.eps, args.proxy, args.learning_rates, args.fold,
-                               args.proxy_validation_patients, args.proxy_seed, args.num_processes, **options)
+                               args.proxy_validation_patients, args.proxy_seed, args.num_processes, search=search,
+                               **options)
     print(f"public proxy: {record['proxy']['source']}")
+    tuned = record["tuned"]
     for c in record["candidates"]:
         dice = c["proxy_mean_foreground_dice"]
-        print(f"  lr {c['learning_rate']:g}: proxy Dice {'nan' if dice is None else f'{dice:.4f}'} "
+        print(f"  {_values(c, tuned)}: sigma {c['noise_multiplier']:.3f}, proxy Dice "
+              f"{'nan' if dice is None else f'{dice:.4f}'} "
               f"({c['seconds']:.0f} s{', reused' if c['reused_finished_run'] else ''})")
-    print(f"chosen learning rate {record['chosen']['learning_rate']:g} -> {path} ({record['wall_seconds']:.0f} s)")
+    print(f"chosen {_values(record['chosen'], tuned)} -> {path} ({record['wall_seconds']:.0f} s)")
     return 0
 
 

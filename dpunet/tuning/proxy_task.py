@@ -8,7 +8,6 @@ patients to score each candidate on; every image and label comes from a public g
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,15 +17,10 @@ import numpy as np
 from dpunet.dataset.io import Geometry, write_image, write_segmentation
 from dpunet.planning.plans import load_training_inputs
 from dpunet.planning.public_tuning import fold_num_patients
+from dpunet.pretraining.sources import PUBLIC_SOURCES, public_source
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import load_json, write_json
 
-# name -> (module, function); each function has random_segmentation_sample's contract:
-# (rng, shape, channels, num_classes, ...) -> (image (channels, *shape) float32, labels (1, *shape) int)
-PROXY_GENERATORS: dict[str, tuple[str, str]] = {
-    "random_images": ("dpunet.pretraining.random_images", "random_segmentation_sample"),
-    "synthetic_brain": ("dpunet.pretraining.synthetic_brain", "synthetic_brain_sample"),
-}
 # the proxy lives in roots of its own (dpunet.tuning.tune), so one fixed name never meets a user's task
 PROXY_TASK_NAME = "Task999_PublicProxy"
 DEFAULT_VALIDATION_PATIENTS = 40
@@ -55,30 +49,13 @@ class ProxyDefinition:
 
     @property
     def source(self) -> str:
-        module, function = PROXY_GENERATORS[self.generator]
-        return (f"{self.generator} ({module}.{function}, seed {self.seed}): {self.num_train} training and "
+        generator = PUBLIC_SOURCES[self.generator]
+        return (f"{self.generator} ({generator.module}.{generator.function}, seed {self.seed}): {self.num_train} training and "
                 f"{self.num_validation} validation proxy patients of shape {self.shape} at spacing {self.spacing}")
 
 
 def check_generator_name(name: str) -> None:
-    if name not in PROXY_GENERATORS:
-        raise DpunetError(f"--proxy {name!r}: unknown proxy generator (known: {', '.join(PROXY_GENERATORS)})")
-
-
-def generator_function(name: str) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
-    """The sample function of a named generator, imported on first use; synthetic_brain gets its MNI template."""
-    check_generator_name(name)
-    module_name, function_name = PROXY_GENERATORS[name]
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as missing:
-        raise DpunetError(f"--proxy {name}: {module_name}.{function_name} is not available ({missing})") from None
-    if name != "synthetic_brain":
-        return function
-    from dpunet.pretraining.mni_template import fetch_mni_template
-
-    template = fetch_mni_template()
-    return lambda rng, shape, channels, num_classes: function(rng, shape, channels, num_classes, template)
+    public_source(name, "--proxy")
 
 
 def proxy_definition(task_name: str, configuration: str, generator: str, fold: int | str = 0,
@@ -128,7 +105,7 @@ def write_proxy_task(definition: ProxyDefinition, folder: Path) -> bool:
     dataset_path = folder / "dataset.json"
     if dataset_path.is_file() and load_json(dataset_path).get("public_proxy") == definition.to_dict():
         return False
-    sample = generator_function(definition.generator)
+    sample, _ = public_source(definition.generator, "--proxy").load()
     geometry = Geometry(shape=tuple(definition.shape), spacing=tuple(definition.spacing), origin=(0.0, 0.0, 0.0),
                         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     train, val = case_ids(definition)

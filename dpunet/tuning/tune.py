@@ -1,4 +1,5 @@
-"""dpunet_tune_public's procedure: choose the DP learning rate on a public proxy task, at the target's privacy
+"""dpunet_tune_public's procedure: choose the DP learning rate (and, when given several values, the steps T, the
+expected patients per step q*N and the patches per patient K) on a public proxy task, at the target's privacy
 parameters and with the target's network, and write the choice next to the target's plan.
 
 1. The proxy (dpunet.tuning.proxy_task): the target's public metadata, images from a public generator. It lives in
@@ -6,33 +7,36 @@ parameters and with the target's network, and write the choice next to the targe
    it mixes with the user's tasks.
 2. Its plan is the target's plan configuration (same network, patch, spacing, DP block and recipe), and it is
    preprocessed with the ordinary preprocessing.
-3. One run of the ordinary trainer per candidate learning rate: the target's epsilon, delta, T, K, C, expected
-   patients per step (q*N with the same N) and initial weights; scored by the mean foreground Dice on the proxy's
-   validation patients. The best score wins.
+3. One run of the ordinary trainer per candidate (the product of the candidate values): the target's epsilon,
+   delta, C and initial weights, the candidate's lr, T, q*N (with the same N) and K, the noise calibrated for them;
+   scored by the mean foreground Dice on the proxy's validation patients. The best score wins.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from dataclasses import replace
+from typing import Any, Iterator, Mapping, Sequence
 
 import dpunet
 from dpunet.dataset.msd import load_task
 from dpunet.learning.checkpoint import load_checkpoint
-from dpunet.paths import preprocessed_root, raw_root, results_root
+from dpunet.paths import preprocessed_root, raw_root
 from dpunet.planning.plans import load_training_inputs
-from dpunet.planning.public_tuning import (PUBLIC_TUNING_FORMAT, epsilon_text, expected_patients_per_step,
+from dpunet.planning.public_tuning import (PUBLIC_TUNING_FORMAT, TUNABLE, epsilon_text, expected_patients_per_step,
                                            public_tuning_path, run_settings)
 from dpunet.preprocessing.run import preprocess_task
 from dpunet.pretraining.pretrain import pretrained_checkpoint_path
-from dpunet.training.config import TrainingConfig, merge_plan_and_options
-from dpunet.tuning.proxy_task import (PROXY_GENERATORS, PROXY_TASK_NAME, ProxyDefinition, case_ids,
+from dpunet.pretraining.sources import PUBLIC_SOURCES
+from dpunet.training.config import TrainingConfig, merge_plan_and_options, pretraining_config
+from dpunet.tuning.proxy_task import (PROXY_TASK_NAME, ProxyDefinition, case_ids,
                                       check_generator_name, proxy_definition, proxy_plans, write_proxy_task)
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import load_json, write_json
@@ -70,14 +74,14 @@ def pretraining_source(init_from: str) -> str | None:
     """Which public generator the run's initial weights were pretrained on (None: none known, or no weights)."""
     if init_from in ("", "none"):
         return None
-    if init_from in PROXY_GENERATORS:
+    if init_from in PUBLIC_SOURCES:
         return init_from
     path = Path(init_from)
     if not path.is_file():
         return None  # the trainer names a missing checkpoint
     described = str(load_checkpoint(path).get("public_source", ""))
-    for name, (module, _) in PROXY_GENERATORS.items():
-        if module in described or name in described:
+    for name, source in PUBLIC_SOURCES.items():
+        if source.module in described or name in described:
             return name
     return None
 
@@ -90,7 +94,7 @@ def refuse_same_source(proxy: str, init_from: str) -> None:
         raise DpunetError(f"--proxy {proxy}: the run starts from weights pretrained on the same generator "
                           f"(--init-from {init_from}); the pretrained network already solves that proxy, so the "
                           f"tuning would learn nothing. Choose another --proxy "
-                          f"({', '.join(n for n in PROXY_GENERATORS if n != proxy)}) or another --init-from")
+                          f"({', '.join(n for n in PUBLIC_SOURCES if n != proxy)}) or another --init-from")
 
 
 def target_config(task_name: str, configuration: str, epsilon: float, fold: int | str,
@@ -108,15 +112,9 @@ def initial_weights(cfg: TrainingConfig) -> str:
     """The proxy runs' --init-from: the target's own cached pretraining file when the target names a public
     source and that file exists (the same weights dpunet_train would start from), else the target's --init-from
     unchanged (a named source is then pretrained once in the proxy's roots, with the same recipe and seed)."""
-    if cfg.init_from not in PROXY_GENERATORS:
+    if cfg.init_from not in PUBLIC_SOURCES:
         return cfg.init_from
-    from types import SimpleNamespace
-
-    from dpunet.training.trainer import DPTrainer
-
-    # the trainer's own recipe for the file name (network, norm, steps, seed, source), without building a trainer
-    pretraining = DPTrainer._pretraining_config(SimpleNamespace(cfg=cfg))
-    path = pretrained_checkpoint_path(cfg.task, cfg.configuration, pretraining)
+    path = pretrained_checkpoint_path(cfg.task, cfg.configuration, pretraining_config(cfg))
     return str(path) if path.is_file() else cfg.init_from
 
 
@@ -149,7 +147,7 @@ def _finished(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
 def train_candidate(definition: ProxyDefinition, learning_rate: float, options: dict[str, Any]
                     ) -> dict[str, Any]:
-    """One DP run on the proxy at `learning_rate` (a finished identical run is reused); its proxy score."""
+    """One DP run on the proxy at `learning_rate` and `options` (a finished identical run is reused); its score."""
     from dpunet.api import train
     from dpunet.training.trainer import run_directory
 
@@ -171,7 +169,9 @@ def train_candidate(definition: ProxyDefinition, learning_rate: float, options: 
             done = (run.privacy_report, run.validation)
     report, summary = done
     dice = float(summary["foreground_mean"]["Dice"])
-    return {"learning_rate": learning_rate, "proxy_mean_foreground_dice": dice if math.isfinite(dice) else None,
+    return {"learning_rate": learning_rate, "steps": options["steps"],
+            "patients_per_step": options["patients_per_step"], "patches_per_patient": options["patches_per_patient"],
+            "proxy_mean_foreground_dice": dice if math.isfinite(dice) else None,
             "proxy_dice_per_class": {k: v.get("Dice") for k, v in summary.get("mean", {}).items()},
             "epsilon_spent_prv": report["epsilon"]["prv"], "noise_multiplier": report["noise_multiplier"],
             "seconds": round(time.perf_counter() - t0, 1), "reused_finished_run": reused,
@@ -182,39 +182,69 @@ def choose(candidates: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The candidate with the highest finite proxy Dice (the first of equals)."""
     scored = [c for c in candidates if c["proxy_mean_foreground_dice"] is not None]
     if not scored:
-        raise DpunetError("no candidate learning rate gave a finite proxy Dice; nothing to choose")
+        raise DpunetError("no candidate gave a finite proxy Dice; nothing to choose")
     return max(scored, key=lambda c: c["proxy_mean_foreground_dice"])
+
+
+def candidate_grid(learning_rates: Sequence[float], search: Mapping[str, Sequence[int]]
+                   ) -> tuple[list[float], dict[str, list[int]]]:
+    """The checked candidate values: distinct positive learning rates, and for each searched setting (steps,
+    patients_per_step, patches_per_patient) distinct positive whole numbers."""
+    rates = [float(r) for r in learning_rates]
+    if not rates or any(not (math.isfinite(r) and r > 0) for r in rates) or len(set(rates)) != len(rates):
+        raise DpunetError(f"--learning-rates must be distinct positive numbers, got {list(learning_rates)}")
+    grid: dict[str, list[int]] = {}
+    for key, values in search.items():
+        if key not in TUNABLE[1:]:
+            raise DpunetError(f"cannot tune {key!r} on the proxy; tunable: {', '.join(TUNABLE)}")
+        values = list(values)
+        if not values or any(isinstance(v, bool) or int(v) != v or v < 1 for v in values) or \
+                len(set(values)) != len(values):
+            raise DpunetError(f"--{key.replace('_', '-')} candidates must be distinct positive whole numbers, got "
+                              f"{values}")
+        grid[key] = [int(v) for v in values]
+    return rates, grid
 
 
 def tune_public(task_name: str, configuration: str, epsilon: float, proxy: str = "random_images",
                 learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES, fold: int | str = 0,
                 num_validation: int = 40, proxy_seed: int = 0, num_processes: int = 1,
-                **options: Any) -> tuple[Path, dict[str, Any]]:
-    """Tune the learning rate of the target's DP run on a public proxy; returns (tuning file, its record).
-    `options`: TrainingConfig fields of the target run (arch, width, steps, patients_per_step, ...)."""
+                search: Mapping[str, Sequence[int]] | None = None, **options: Any) -> tuple[Path, dict[str, Any]]:
+    """Tune the target's DP run on a public proxy; returns (tuning file, its record). The candidates are every
+    combination of `learning_rates` and the values in `search` ({steps|patients_per_step|patches_per_patient:
+    [values]}; a setting with one value is fixed, not tuned). `options`: the other TrainingConfig fields of the
+    target run (arch, width, steps, patients_per_step, ...)."""
     t0 = time.perf_counter()
     check_generator_name(proxy)
     if not math.isfinite(epsilon):
         raise DpunetError("--eps inf: public tuning chooses DP hyperparameters; give a finite epsilon")
-    rates = [float(r) for r in learning_rates]
-    if not rates or any(not (math.isfinite(r) and r > 0) for r in rates) or len(set(rates)) != len(rates):
-        raise DpunetError(f"--learning-rates must be distinct positive numbers, got {list(learning_rates)}")
-    cfg = target_config(task_name, configuration, epsilon, fold, options)
+    rates, grid = candidate_grid(learning_rates, search or {})
+    fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
+    grid = {k: v for k, v in grid.items() if len(v) > 1}
+    cfg = target_config(task_name, configuration, epsilon, fold,
+                        {**{k: v for k, v in options.items() if k not in grid}, **fixed})
     refuse_same_source(proxy, cfg.init_from)
     definition = proxy_definition(task_name, configuration, proxy, fold, num_validation, proxy_seed)
     _, _, plan_config, _, _ = load_training_inputs(task_name, configuration)
     patients_per_step = expected_patients_per_step(plan_config, definition.num_train, cfg.patients_per_step)
+    if "patients_per_step" in grid:  # counts above N mean every patient: one candidate each
+        grid["patients_per_step"] = list(dict.fromkeys(
+            expected_patients_per_step(plan_config, definition.num_train, v) for v in grid["patients_per_step"]))
     init_path = initial_weights(cfg)  # before the roots change: the target's pretraining file
     prepare_proxy(definition, num_processes)
     carried = {k: v for k, v in cfg.to_dict().items() if k not in NOT_CARRIED}
     carried.update(epsilon=float(epsilon), init_from=init_path, patients_per_step=patients_per_step)
-    candidates = [train_candidate(definition, rate, carried) for rate in rates]
+    combinations = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    candidates = [train_candidate(definition, rate, {**carried, **combination})
+                  for combination in combinations for rate in rates]
     best = choose(candidates)
-    settings = run_settings(cfg, patients_per_step)
+    tuned = ["learning_rate", *grid]
+    chosen_cfg = replace(cfg, **{k: best[k] for k in grid})
+    settings = run_settings(chosen_cfg, best["patients_per_step"])
     record = {
         "format": PUBLIC_TUNING_FORMAT,
-        "what": "the DP learning rate chosen on a public proxy task (dpunet_tune_public); no private label or "
-                "image was read",
+        "what": f"DP hyperparameters ({', '.join(tuned)}) chosen on a public proxy task (dpunet_tune_public); no "
+                f"private label or image was read",
         "target": {"task": task_name, "configuration": configuration, "arch": cfg.arch, "epsilon": epsilon_text(
                    epsilon), "fold_for_N": str(fold), "num_patients": definition.num_train,
                    "patch_size": plan_config["patch_size"]},
@@ -222,16 +252,17 @@ def tune_public(task_name: str, configuration: str, epsilon: float, proxy: str =
                              "block, recipe; derived from image headers)", "dataset.json (channel and label names, "
                              "case-to-patient ids)", "splits_final.json (the number of training patients N)"],
         "proxy": {**definition.to_dict(), "source": definition.source, "folder": str(proxy_base(definition))},
+        "tuned": tuned,
+        "search": {"learning_rate": rates, **grid},
         "settings": settings,
         "privacy_parameters": {"epsilon": epsilon, "delta": cfg.delta, "num_patients": definition.num_train,
-                               "expected_patients_per_step": patients_per_step,
-                               "sample_rate": patients_per_step / definition.num_train, "steps": cfg.steps,
-                               "patches_per_patient": cfg.patches_per_patient, "clip_norm": cfg.clip_norm,
-                               "noise_multiplier": candidates[0]["noise_multiplier"], "init_from": cfg.init_from,
-                               "initial_weights_file": init_path},
+                               "expected_patients_per_step": best["patients_per_step"],
+                               "sample_rate": best["patients_per_step"] / definition.num_train,
+                               "steps": best["steps"], "patches_per_patient": best["patches_per_patient"],
+                               "clip_norm": cfg.clip_norm, "noise_multiplier": best["noise_multiplier"],
+                               "init_from": cfg.init_from, "initial_weights_file": init_path},
         "candidates": candidates,
-        "chosen": {"learning_rate": best["learning_rate"],
-                   "proxy_mean_foreground_dice": best["proxy_mean_foreground_dice"],
+        "chosen": {**{k: best[k] for k in tuned}, "proxy_mean_foreground_dice": best["proxy_mean_foreground_dice"],
                    "rule": "highest mean foreground Dice on the proxy's validation patients (first of equals)"},
         "plan_default_learning_rate": plan_config["training"].get("learning_rate"),
         "wall_seconds": round(time.perf_counter() - t0, 1),
