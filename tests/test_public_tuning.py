@@ -203,7 +203,7 @@ def test_continue_refuses_a_run_whose_tuning_file_changed(roots, tuned, use_root
 
 # --- tuning steps and patients per step as well (a grid of candidates) ---
 
-GRID_STEPS, GRID_PATIENTS = (2, 3), (2, 3)
+GRID_STEPS, GRID_PATIENTS, GRID_WIDTHS = (2, 3), (2, 3), (0.25, 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,8 @@ def grid_tuned(grid_roots):
         with pytest.raises(SystemExit) as done:
             cli.main(["-t", "990", "-c", "2d", "--eps", "8", "--proxy", "random_images", "--learning-rates", "3e-2",
                       "--steps", ",".join(map(str, GRID_STEPS)), "--patients-per-step",
-                      ",".join(map(str, GRID_PATIENTS)), "--patches-per-patient", "1", "--init-from", "none",
+                      ",".join(map(str, GRID_PATIENTS)), "--width", ",".join(map(str, GRID_WIDTHS)),
+                      "--patches-per-patient", "1", "--init-from", "none",
                       "--proxy-validation-patients", str(VALIDATION_PATIENTS), "--device", "cpu"])
         assert done.value.code == 0
     path = grid_roots["preprocessed"] / TASK / public_tuning_file_name("2d", "unet", 8.0)
@@ -231,16 +232,21 @@ def grid_tuned(grid_roots):
 def test_a_grid_has_one_candidate_per_combination_each_with_its_own_noise(grid_roots, grid_tuned):
     record = grid_tuned["record"]
     n = _fold0_training_patients(grid_roots)
-    assert record["tuned"] == ["learning_rate", "steps", "patients_per_step"]
-    combos = sorted((c["steps"], c["patients_per_step"]) for c in record["candidates"])
-    assert combos == sorted((t, b) for t in GRID_STEPS for b in GRID_PATIENTS)
+    assert record["tuned"] == ["learning_rate", "steps", "patients_per_step", "width"]
+    combos = sorted((c["steps"], c["patients_per_step"], c["width"]) for c in record["candidates"])
+    assert combos == sorted((t, b, w) for t in GRID_STEPS for b in GRID_PATIENTS for w in GRID_WIDTHS)
+    # each width is its own network: the candidate runs record it
+    for c in record["candidates"]:
+        run_config = json.loads((Path(c["run_folder"]) / "private" / "run_config.json").read_text())
+        assert run_config["training_config"]["width"] == c["width"]
     for c in record["candidates"]:
         sigma = calibrate_noise_multiplier(8.0, 1e-5, c["patients_per_step"] / n, c["steps"], accountant="prv")
         assert math.isclose(c["noise_multiplier"], sigma, rel_tol=1e-9)
         assert c["patches_per_patient"] == 1 and c["learning_rate"] == 3e-2
     best = max(record["candidates"], key=lambda c: c["proxy_mean_foreground_dice"])
     chosen = record["chosen"]
-    assert (chosen["steps"], chosen["patients_per_step"]) == (best["steps"], best["patients_per_step"])
+    assert (chosen["steps"], chosen["patients_per_step"], chosen["width"]) == (
+        best["steps"], best["patients_per_step"], best["width"])
     assert record["settings"]["steps"] == chosen["steps"]
     assert record["privacy_parameters"]["noise_multiplier"] == best["noise_multiplier"]
 
@@ -254,6 +260,7 @@ def test_dpunet_train_takes_the_tuned_steps_and_patients_and_accounts_for_them(g
     chosen = grid_tuned["record"]["chosen"]
     n = _fold0_training_patients(grid_roots)
     assert run.options["steps"] == chosen["steps"] and run.options["patients_per_step"] == chosen["patients_per_step"]
+    assert run.options["width"] == chosen["width"]
     report = run.privacy_report
     assert report["steps_taken"] == chosen["steps"]
     assert math.isclose(report["sample_rate"], chosen["patients_per_step"] / n, rel_tol=1e-12)
@@ -276,11 +283,22 @@ def test_a_tuned_setting_given_on_the_command_line_must_equal_the_chosen_one(gri
     same = merge_plan_and_options(plan_config, {**base, "steps": chosen["steps"]})
     assert same.public_tuning is not None and same.learning_rate == chosen["learning_rate"]
     assert same.public_tuning["taken"] == {"learning_rate": chosen["learning_rate"],
-                                           "patients_per_step": chosen["patients_per_step"]}
+                                           "patients_per_step": chosen["patients_per_step"],
+                                           "width": chosen["width"]}
     other = [t for t in GRID_STEPS if t != chosen["steps"]][0]
     differ = merge_plan_and_options(plan_config, {**base, "steps": other})
     assert differ.public_tuning is None and differ.steps == other
     assert f"steps: tuned {chosen['steps']}, run {other}" in capsys.readouterr().err
+
+
+def test_candidate_values_are_checked():
+    from dpunet.tuning.tune import candidate_grid
+
+    assert candidate_grid([1e-2], {"width": [0.25, 0.5], "steps": [50.0]}) == ([1e-2], {"width": [0.25, 0.5],
+                                                                                      "steps": [50]})
+    for bad in ({"steps": [2.5]}, {"width": [0.5, 0.5]}, {"patients_per_step": [0]}, {"clip_norm": [1.0]}):
+        with pytest.raises(DpunetError):
+            candidate_grid([1e-2], bad)
 
 
 def test_the_tuned_sample_rate_carries_over_to_folds_of_another_size():

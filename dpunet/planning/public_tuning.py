@@ -21,7 +21,9 @@ from dpunet.utils.files import file_sha256, load_json
 
 PUBLIC_TUNING_FORMAT = "dpunet-public-tuning-v1"
 # the hyperparameters a tuning file can choose (files that name no `tuned` list chose the learning rate only)
-TUNABLE = ("learning_rate", "steps", "patients_per_step", "patches_per_patient")
+TUNABLE = ("learning_rate", "steps", "patients_per_step", "patches_per_patient", "width")
+# tuned settings that are counts (the others are positive real numbers)
+WHOLE_NUMBERS = ("steps", "patients_per_step", "patches_per_patient")
 # run settings the choice was made at: a run that differs in any of them does not use the file (the best learning
 # rate moves with the noise level, the number of steps and the network)
 MATCHED_SETTINGS = ("width", "steps", "patients_per_step", "patches_per_patient", "clip_norm", "delta", "init_from")
@@ -73,8 +75,10 @@ def load_public_tuning(path: Path) -> dict[str, Any]:
                           f"({', '.join(TUNABLE)})")
     for key in tuned_keys(record)[1:]:
         value = record["chosen"].get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if key in WHOLE_NUMBERS and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise DpunetError(f"{path}: chosen.{key} must be a positive whole number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+            raise DpunetError(f"{path}: chosen.{key} must be a positive number, got {value!r}")
     return record
 
 
@@ -118,7 +122,7 @@ def settings_mismatch(record: dict[str, Any], settings: dict[str, Any], num_pati
 
 TUNABLE_WORDS = {"learning_rate": "the learning rate", "steps": "the number of steps T",
                  "patients_per_step": "the expected patients per step q*N", "patches_per_patient": "the patches per "
-                 "patient K"}
+                 "patient K", "width": "the width multiplier"}
 
 
 def public_tuning_statement(path: str | Path, sha256: str, proxy_source: str, task_name: str,

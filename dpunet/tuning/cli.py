@@ -1,12 +1,12 @@
 """dpunet_tune_public -t TASK -c CONFIGURATION --eps E [--proxy random_images|synthetic_brain]
-[--learning-rates 3e-3,1e-2,3e-2] [--arch NAME] [--width W] [--steps T[,T2..]] [--patients-per-step B[,B2..]]
-[--patches-per-patient K[,K2..]] ...
+[--learning-rates 3e-3,1e-2,3e-2] [--arch NAME] [--width W[,W2..]] [--steps T[,T2..]]
+[--patients-per-step B[,B2..]] [--patches-per-patient K[,K2..]] ...
 
 Chooses the DP learning rate of the run `dpunet_train TASK FOLD -c CONFIGURATION --eps E` (same options) on a
 public proxy task: the target's public metadata (N, channels, classes, the plan's median shape and spacing) with
 images from a public generator, trained with the target's network and privacy parameters, one run per candidate,
-scored on proxy validation patients. Several comma-separated values of --steps, --patients-per-step or
---patches-per-patient make them tuned too (every combination is a candidate, each with its own calibrated noise).
+scored on proxy validation patients. Several comma-separated values of --steps, --patients-per-step,
+--patches-per-patient or --width make them tuned too (every combination is a candidate, each with its own calibrated noise).
 Writes public_tuning__<configuration>__<arch>__eps<E>.json into the target's preprocessed folder; dpunet_train then
 takes the chosen values (unless --lr is given; a tuned setting given on its command line must equal the chosen
 one) and the privacy report says so. No private image or label is read (documentation/tuning.md)."""
@@ -18,11 +18,11 @@ from dpunet.utils.arguments import parse_epsilon
 from dpunet.utils.errors import DpunetError, cli_entry
 
 
-def parse_rates(text: str) -> list[float]:
+def parse_numbers(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--learning-rates: comma-separated numbers expected, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"comma-separated numbers expected, got {text!r}") from None
 
 
 def parse_counts(text: str) -> list[int]:
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy", default="random_images", choices=sorted(PUBLIC_SOURCES),
                    help="public generator of the proxy's images and labels (random_images); it must differ from "
                         "the generator the run's initial weights were pretrained on")
-    p.add_argument("--learning-rates", type=parse_rates, default=list(DEFAULT_LEARNING_RATES),
+    p.add_argument("--learning-rates", type=parse_numbers, default=list(DEFAULT_LEARNING_RATES),
                    help="candidates, comma-separated (3e-3,1e-2,3e-2)")
     p.add_argument("--fold", default="0", help="the fold whose number of training patients N the proxy copies (0)")
     p.add_argument("--proxy-validation-patients", type=int, default=DEFAULT_VALIDATION_PATIENTS,
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-seed", type=int, default=0, help="seed of the proxy's images (0)")
     p.add_argument("-np", "--num-processes", type=int, default=1, help="processes preprocessing the proxy (1)")
     p.add_argument("--arch", default="unet", help="architecture, as dpunet_train --arch (unet)")
-    p.add_argument("--width", type=float, default=None, help="width multiplier, as dpunet_train")
+    p.add_argument("--width", type=parse_numbers, default=None,
+                   help="width multiplier, as dpunet_train; several values: tuned")
     p.add_argument("--init-from", default=None, help="initial weights, as dpunet_train (plan default)")
     p.add_argument("--pretraining-steps", type=int, default=None, help="as dpunet_train")
     p.add_argument("--delta", type=float, default=None, help="as dpunet_train (plan default)")
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _values(entry: dict, keys: list[str]) -> str:
-    names = {"learning_rate": "lr", "steps": "T", "patients_per_step": "q*N", "patches_per_patient": "K"}
+    names = {"learning_rate": "lr", "steps": "T", "patients_per_step": "q*N", "patches_per_patient": "K",
+             "width": "width"}
     return ", ".join(f"{names[k]} {entry[k]:g}" for k in keys)
 
 
@@ -86,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.proxy_validation_patients < 1:
         raise DpunetError("--proxy-validation-patients must be at least 1")
     task_name, _ = load_plans(args.task)
-    options = {k: getattr(args, k) for k in ("arch", "width", "init_from", "pretraining_steps", "delta", "clip_norm",
-                                             "seed", "engine")}
+    options = {k: getattr(args, k) for k in ("arch", "init_from", "pretraining_steps", "delta", "clip_norm", "seed",
+                                             "engine")}
     options["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    search = {k: getattr(args, k) for k in ("steps", "patients_per_step", "patches_per_patient")
+    search = {k: getattr(args, k) for k in ("steps", "patients_per_step", "patches_per_patient", "width")
               if getattr(args, k) is not None}
     path, record = tune_public(task_name, args.configuration, args.eps, args.proxy, args.learning_rates, args.fold,
                                args.proxy_validation_patients, args.proxy_seed, args.num_processes, search=search,

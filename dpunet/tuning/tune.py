@@ -30,7 +30,7 @@ from dpunet.dataset.msd import load_task
 from dpunet.learning.checkpoint import load_checkpoint
 from dpunet.paths import preprocessed_root, raw_root
 from dpunet.planning.plans import load_training_inputs
-from dpunet.planning.public_tuning import (PUBLIC_TUNING_FORMAT, TUNABLE, epsilon_text, expected_patients_per_step,
+from dpunet.planning.public_tuning import (PUBLIC_TUNING_FORMAT, TUNABLE, WHOLE_NUMBERS, epsilon_text, expected_patients_per_step,
                                            public_tuning_path, run_settings)
 from dpunet.preprocessing.run import preprocess_task
 from dpunet.pretraining.pretrain import pretrained_checkpoint_path
@@ -169,7 +169,7 @@ def train_candidate(definition: ProxyDefinition, learning_rate: float, options: 
             done = (run.privacy_report, run.validation)
     report, summary = done
     dice = float(summary["foreground_mean"]["Dice"])
-    return {"learning_rate": learning_rate, "steps": options["steps"],
+    return {"learning_rate": learning_rate, "steps": options["steps"], "width": options["width"],
             "patients_per_step": options["patients_per_step"], "patches_per_patient": options["patches_per_patient"],
             "proxy_mean_foreground_dice": dice if math.isfinite(dice) else None,
             "proxy_dice_per_class": {k: v.get("Dice") for k, v in summary.get("mean", {}).items()},
@@ -186,32 +186,33 @@ def choose(candidates: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return max(scored, key=lambda c: c["proxy_mean_foreground_dice"])
 
 
-def candidate_grid(learning_rates: Sequence[float], search: Mapping[str, Sequence[int]]
-                   ) -> tuple[list[float], dict[str, list[int]]]:
+def candidate_grid(learning_rates: Sequence[float], search: Mapping[str, Sequence[float]]
+                   ) -> tuple[list[float], dict[str, list[Any]]]:
     """The checked candidate values: distinct positive learning rates, and for each searched setting (steps,
-    patients_per_step, patches_per_patient) distinct positive whole numbers."""
+    patients_per_step, patches_per_patient: whole numbers; width) distinct positive values."""
     rates = [float(r) for r in learning_rates]
     if not rates or any(not (math.isfinite(r) and r > 0) for r in rates) or len(set(rates)) != len(rates):
         raise DpunetError(f"--learning-rates must be distinct positive numbers, got {list(learning_rates)}")
-    grid: dict[str, list[int]] = {}
+    grid: dict[str, list[Any]] = {}
     for key, values in search.items():
         if key not in TUNABLE[1:]:
             raise DpunetError(f"cannot tune {key!r} on the proxy; tunable: {', '.join(TUNABLE)}")
         values = list(values)
-        if not values or any(isinstance(v, bool) or int(v) != v or v < 1 for v in values) or \
-                len(set(values)) != len(values):
-            raise DpunetError(f"--{key.replace('_', '-')} candidates must be distinct positive whole numbers, got "
-                              f"{values}")
-        grid[key] = [int(v) for v in values]
+        whole = key in WHOLE_NUMBERS
+        if not values or len(set(values)) != len(values) or any(
+                isinstance(v, bool) or not (math.isfinite(v) and v > 0) or (whole and int(v) != v) for v in values):
+            raise DpunetError(f"--{key.replace('_', '-')} candidates must be distinct positive "
+                              f"{'whole numbers' if whole else 'numbers'}, got {values}")
+        grid[key] = [int(v) if whole else float(v) for v in values]
     return rates, grid
 
 
 def tune_public(task_name: str, configuration: str, epsilon: float, proxy: str = "random_images",
                 learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES, fold: int | str = 0,
                 num_validation: int = 40, proxy_seed: int = 0, num_processes: int = 1,
-                search: Mapping[str, Sequence[int]] | None = None, **options: Any) -> tuple[Path, dict[str, Any]]:
+                search: Mapping[str, Sequence[float]] | None = None, **options: Any) -> tuple[Path, dict[str, Any]]:
     """Tune the target's DP run on a public proxy; returns (tuning file, its record). The candidates are every
-    combination of `learning_rates` and the values in `search` ({steps|patients_per_step|patches_per_patient:
+    combination of `learning_rates` and the values in `search` ({steps|patients_per_step|patches_per_patient|width:
     [values]}; a setting with one value is fixed, not tuned). `options`: the other TrainingConfig fields of the
     target run (arch, width, steps, patients_per_step, ...)."""
     t0 = time.perf_counter()
@@ -230,12 +231,14 @@ def tune_public(task_name: str, configuration: str, epsilon: float, proxy: str =
     if "patients_per_step" in grid:  # counts above N mean every patient: one candidate each
         grid["patients_per_step"] = list(dict.fromkeys(
             expected_patients_per_step(plan_config, definition.num_train, v) for v in grid["patients_per_step"]))
-    init_path = initial_weights(cfg)  # before the roots change: the target's pretraining file
+    # before the roots change: the target's pretraining file (one per width)
+    init_path = {w: initial_weights(replace(cfg, width=w)) for w in grid.get("width", [cfg.width])}
     prepare_proxy(definition, num_processes)
     carried = {k: v for k, v in cfg.to_dict().items() if k not in NOT_CARRIED}
-    carried.update(epsilon=float(epsilon), init_from=init_path, patients_per_step=patients_per_step)
+    carried.update(epsilon=float(epsilon), patients_per_step=patients_per_step)
     combinations = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    candidates = [train_candidate(definition, rate, {**carried, **combination})
+    candidates = [train_candidate(definition, rate, {**carried, **combination, "init_from": init_path[
+                      combination.get("width", cfg.width)]})
                   for combination in combinations for rate in rates]
     best = choose(candidates)
     tuned = ["learning_rate", *grid]
@@ -260,7 +263,8 @@ def tune_public(task_name: str, configuration: str, epsilon: float, proxy: str =
                                "sample_rate": best["patients_per_step"] / definition.num_train,
                                "steps": best["steps"], "patches_per_patient": best["patches_per_patient"],
                                "clip_norm": cfg.clip_norm, "noise_multiplier": best["noise_multiplier"],
-                               "init_from": cfg.init_from, "initial_weights_file": init_path},
+                               "init_from": cfg.init_from, "width": best["width"],
+                               "initial_weights_file": init_path[best["width"]]},
         "candidates": candidates,
         "chosen": {**{k: best[k] for k in tuned}, "proxy_mean_foreground_dice": best["proxy_mean_foreground_dice"],
                    "rule": "highest mean foreground Dice on the proxy's validation patients (first of equals)"},
