@@ -162,9 +162,9 @@ def test_refusals_name_the_constraint():
         classic_spec("fpn", {"class_name": "x", "kwargs": {}}, [16], 1.0)
     with pytest.raises(DpunetError, match="unknown DP norm"):
         classic_spec("fpn", plan_arch(2), [32, 32], 1.0, dp_norm="batch")
-    with pytest.raises(DpunetError, match="--output-stride 8 is not an option"):
+    with pytest.raises(DpunetError, match="--output-stride 8: --arch fpn has no dilated encoder"):
         classic_spec("fpn", plan_arch(2), [32, 32], 1.0, output_stride=8)
-    with pytest.raises(DpunetError, match="--output-stride 4 is not an option"):
+    with pytest.raises(DpunetError, match="--output-stride must be one of 8, 16, got 4"):
         classic_spec("deeplabv3plus", plan_arch(2), [32, 32], 1.0, output_stride=4)
     with pytest.raises(DpunetError, match="4 positive counts"):
         classic_spec("linknet", plan_arch(2), [32, 32], 1.0, blocks_per_stage=(2, 2, 2))

@@ -485,10 +485,7 @@ def classic_spec(name: str, plan_arch: dict[str, Any], patch_size: Sequence[int]
     if int(num_groups) < 1:
         raise DpunetError(f"--arch {name}: the GroupNorm group count must be at least 1, got {num_groups}")
     entry = CLASSIC_ARCHITECTURES[name]
-    if output_stride is not None and (entry.output_stride is None or output_stride not in OUTPUT_STRIDES):
-        raise DpunetError(f"--arch {name}: --output-stride {output_stride} is not an option (only 8 or 16, for the "
-                          f"dilated families {_dilated_names()})")
-    output_stride = output_stride or entry.output_stride
+    output_stride, _ = classic_encoder_options(name, output_stride)  # refuses a stride the family lacks
     if len(blocks_per_stage) != LEVELS - 1 or any(int(b) < 1 for b in blocks_per_stage):
         raise DpunetError(f"--arch {name}: blocks_per_stage must be {LEVELS - 1} positive counts, got "
                           f"{list(blocks_per_stage)}")
