@@ -6,7 +6,8 @@ Chooses the DP learning rate of the run `dpunet_train TASK FOLD -c CONFIGURATION
 public proxy task: the target's public metadata (N, channels, classes, the plan's median shape and spacing) with
 images from a public generator, trained with the target's network and privacy parameters, one run per candidate,
 scored on proxy validation patients. Several comma-separated values of --steps, --patients-per-step,
---patches-per-patient or --width make them tuned too (every combination is a candidate, each with its own calibrated noise).
+--patches-per-patient or --width make them tuned too (every combination is a candidate, each with its own
+calibrated noise).
 Writes public_tuning__<configuration>__<arch>__eps<E>.json into the target's preprocessed folder; dpunet_train then
 takes the chosen values (unless --lr is given; a tuned setting given on its command line must equal the chosen
 one) and the privacy report says so. No private image or label is read (documentation/tuning.md)."""

@@ -50,8 +50,8 @@ class ProxyDefinition:
     @property
     def source(self) -> str:
         generator = PUBLIC_SOURCES[self.generator]
-        return (f"{self.generator} ({generator.module}.{generator.function}, seed {self.seed}): {self.num_train} training and "
-                f"{self.num_validation} validation proxy patients of shape {self.shape} at spacing {self.spacing}")
+        return (f"{self.generator} ({generator.module}.{generator.function}, seed {self.seed}): {self.num_train} "
+                f"training and {self.num_validation} validation proxy patients of shape {self.shape} at spacing {self.spacing}")
 
 
 def check_generator_name(name: str) -> None:

@@ -1,6 +1,6 @@
 """dpunet_tune_public's procedure: choose the DP learning rate (and, when given several values, the steps T, the
-expected patients per step q*N and the patches per patient K) on a public proxy task, at the target's privacy
-parameters and with the target's network, and write the choice next to the target's plan.
+expected patients per step q*N, the patches per patient K and the width) on a public proxy task, at the target's
+privacy parameters and with the target's network, and write the choice next to the target's plan.
 
 1. The proxy (dpunet.tuning.proxy_task): the target's public metadata, images from a public generator. It lives in
    roots of its own under $DPUNET_PREPROCESSED/<target>/public_proxy/ (raw, preprocessed, results), so nothing of
@@ -8,8 +8,8 @@ parameters and with the target's network, and write the choice next to the targe
 2. Its plan is the target's plan configuration (same network, patch, spacing, DP block and recipe), and it is
    preprocessed with the ordinary preprocessing.
 3. One run of the ordinary trainer per candidate (the product of the candidate values): the target's epsilon,
-   delta, C and initial weights, the candidate's lr, T, q*N (with the same N) and K, the noise calibrated for them;
-   scored by the mean foreground Dice on the proxy's validation patients. The best score wins.
+   delta and C, the candidate's lr, T, q*N (with the same N), K and width (with that width's initial weights),
+   the noise calibrated for them; scored by the mean foreground Dice on the proxy's validation patients. The best score wins.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import math
 import os
 import shutil
 import time
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import dpunet
@@ -30,8 +30,8 @@ from dpunet.dataset.msd import load_task
 from dpunet.learning.checkpoint import load_checkpoint
 from dpunet.paths import preprocessed_root, raw_root
 from dpunet.planning.plans import load_training_inputs
-from dpunet.planning.public_tuning import (PUBLIC_TUNING_FORMAT, TUNABLE, WHOLE_NUMBERS, epsilon_text, expected_patients_per_step,
-                                           public_tuning_path, run_settings)
+from dpunet.planning.public_tuning import (PUBLIC_TUNING_FORMAT, TUNABLE, WHOLE_NUMBERS, epsilon_text,
+                                           expected_patients_per_step, public_tuning_path, run_settings)
 from dpunet.preprocessing.run import preprocess_task
 from dpunet.pretraining.pretrain import pretrained_checkpoint_path
 from dpunet.pretraining.sources import PUBLIC_SOURCES
