@@ -51,7 +51,8 @@ class ProxyDefinition:
     def source(self) -> str:
         generator = PUBLIC_SOURCES[self.generator]
         return (f"{self.generator} ({generator.module}.{generator.function}, seed {self.seed}): {self.num_train} "
-                f"training and {self.num_validation} validation proxy patients of shape {self.shape} at spacing {self.spacing}")
+                f"training and {self.num_validation} validation proxy patients of shape {self.shape} at spacing "
+                f"{self.spacing}")
 
 
 def check_generator_name(name: str) -> None:
