@@ -9,7 +9,8 @@ privacy parameters and with the target's network, and write the choice next to t
    preprocessed with the ordinary preprocessing.
 3. One run of the ordinary trainer per candidate (the product of the candidate values): the target's epsilon,
    delta and C, the candidate's lr, T, q*N (with the same N), K and width (with that width's initial weights),
-   the noise calibrated for them; scored by the mean foreground Dice on the proxy's validation patients. The best score wins.
+   the noise calibrated for them; scored by the mean foreground Dice on the proxy's validation patients. The
+   best score wins.
 """
 from __future__ import annotations
 
