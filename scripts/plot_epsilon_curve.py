@@ -1,0 +1,95 @@
+"""Plot a run's validation Dice against epsilon (one fold), from the run folders dpunet_train wrote.
+
+    python scripts/plot_epsilon_curve.py -t 4 -c 2d --width 0.5 --run-tag pubtuned --fold 0 \
+        --epsilons 1 2 4 8 inf -o documentation/results_epsilon_curve_2d_public_recipe.png
+
+Reads <results>/<Task>/<run>/fold_F/private/validation/summary.json of each epsilon's run (the runs' names as
+dpunet_train gives them) and writes the plot and, beside it, a CSV of the numbers plotted. The CSV and plot hold
+aggregate validation Dice only (no patient id); like every validation metric they are private by default
+(documentation/privacy_model.md): release them as a data owner's decision.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+from dpunet.evaluation.cross_validation import run_folder_name
+from dpunet.paths import results_root
+from dpunet.planning.plans import load_plans
+from dpunet.utils.arguments import parse_epsilon
+from dpunet.utils.errors import DpunetError
+from dpunet.utils.files import load_json
+
+
+def curve_rows(task_name: str, configuration: str, epsilons: list[float], fold: str, arch: str, width: float,
+               run_tag: str) -> list[dict[str, object]]:
+    """One row per epsilon: epsilon, sigma, Dice per label and their mean."""
+    rows = []
+    for eps in epsilons:
+        folder = results_root() / task_name / run_folder_name(arch, configuration, eps, width=width, run_tag=run_tag)
+        summary = folder / f"fold_{fold}" / "private" / "validation" / "summary.json"
+        report = folder / f"fold_{fold}" / "release" / "privacy_report.json"
+        if not summary.is_file():
+            raise DpunetError(f"{summary} not found: train and validate that run first")
+        values = load_json(summary)
+        rows.append({"epsilon": eps, "sigma": load_json(report)["noise_multiplier"] if report.is_file() else None,
+                     **{f"dice_{k}": v["Dice"] for k, v in values["mean"].items()},
+                     "dice_mean": values["foreground_mean"]["Dice"]})
+    return rows
+
+
+def plot(rows: list[dict[str, object]], output: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r for r in rows if math.isfinite(float(r["epsilon"]))]
+    labels = [k for k in rows[0] if k.startswith("dice_")]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key in labels:
+        ax.plot([r["epsilon"] for r in finite], [r[key] for r in finite], marker="o",
+                label=key.replace("dice_", "Dice "), lw=2 if key == "dice_mean" else 1)
+        private_max = max(float(r["epsilon"]) for r in finite)
+        for r in rows:
+            if not math.isfinite(float(r["epsilon"])):  # non-private: a dashed level on the right
+                ax.axhline(r[key], ls="--", lw=0.8, color=ax.lines[-1].get_color())
+                ax.annotate("inf", (private_max, r[key]), textcoords="offset points", xytext=(4, 2), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epsilon (delta 1e-5, per patient)")
+    ax.set_ylabel("validation Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-t", "--task", required=True)
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("--arch", default="unet")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--run-tag", default="")
+    p.add_argument("--fold", default="0")
+    p.add_argument("--epsilons", nargs="+", type=parse_epsilon, required=True)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    args = p.parse_args(argv)
+    task_name, _ = load_plans(args.task)
+    rows = curve_rows(task_name, args.configuration, args.epsilons, args.fold, args.arch, args.width, args.run_tag)
+    with open(args.output.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, args.output, f"{task_name} {args.configuration}, {args.arch} width {args.width:g}, fold {args.fold}")
+    print(f"written: {args.output}, {args.output.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
