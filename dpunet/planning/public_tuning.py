@@ -1,9 +1,9 @@
 """Public tuning files: DP hyperparameters chosen on a public proxy task, never on private labels.
 
-`dpunet_tune_public` (dpunet.tuning) trains one DP run per candidate (learning rate, and optionally steps T, expected
-patients per step q*N and patches per patient K) on a proxy task made from the target's public metadata only, and
-writes `public_tuning__<configuration>__<arch>__eps<E>.json` into the target's
-preprocessed folder. This module is what training needs of such a file (it sits below training): its name, the
+`dpunet_tune_public` (dpunet.tuning) trains one DP run per candidate (learning rate, and optionally steps T,
+expected patients per step q*N, patches per patient K and width) on a proxy task made from the target's public
+metadata only, and writes `public_tuning__<configuration>__<arch>__eps<E>.json` into the target's preprocessed
+folder. This module is what training needs of such a file (it sits below training): its name, the
 check that it was made for the run's settings, and the sentence the privacy report says about it.
 """
 from __future__ import annotations
