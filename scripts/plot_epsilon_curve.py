@@ -1,9 +1,9 @@
-"""Plot a run's validation Dice against epsilon (one fold), from the run folders dpunet_train wrote.
+"""Plot a run's validation Dice against epsilon (mean over the given folds), from the run folders dpunet_train wrote.
 
-    python scripts/plot_epsilon_curve.py -t 4 -c 2d --width 0.5 --run-tag pubtuned --fold 0 \
+    python scripts/plot_epsilon_curve.py -t 4 -c 2d --width 0.5 --run-tag pubtuned --folds 0 1 2 3 4 \
         --epsilons 1 2 4 8 inf -o documentation/results_epsilon_curve_2d_public_recipe.png
 
-Reads <results>/<Task>/<run>/fold_F/private/validation/summary.json of each epsilon's run (the runs' names as
+Reads <results>/<Task>/<run>/fold_F/private/validation/summary.json of each epsilon's run and fold (the runs' names as
 dpunet_train gives them) and writes the plot and, beside it, a CSV of the numbers plotted. The CSV and plot hold
 aggregate validation Dice only (no patient id); like every validation metric they are private by default
 (documentation/privacy_model.md): release them as a data owner's decision.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 from pathlib import Path
 
 from dpunet.evaluation.cross_validation import run_folder_name
@@ -23,20 +24,24 @@ from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import load_json
 
 
-def curve_rows(task_name: str, configuration: str, epsilons: list[float], fold: str, arch: str, width: float,
-               run_tag: str) -> list[dict[str, object]]:
-    """One row per epsilon: epsilon, sigma, Dice per label and their mean."""
+def curve_rows(task_name: str, configuration: str, epsilons: list[float], folds: list[str], arch: str,
+               width: float, run_tag: str) -> list[dict[str, object]]:
+    """One row per epsilon: epsilon, sigma (first fold), Dice per label and their mean, each the mean over folds."""
     rows = []
     for eps in epsilons:
         folder = results_root() / task_name / run_folder_name(arch, configuration, eps, width=width, run_tag=run_tag)
-        summary = folder / f"fold_{fold}" / "private" / "validation" / "summary.json"
-        report = folder / f"fold_{fold}" / "release" / "privacy_report.json"
-        if not summary.is_file():
-            raise DpunetError(f"{summary} not found: train and validate that run first")
-        values = load_json(summary)
-        rows.append({"epsilon": eps, "sigma": load_json(report)["noise_multiplier"] if report.is_file() else None,
-                     **{f"dice_{k}": v["Dice"] for k, v in values["mean"].items()},
-                     "dice_mean": values["foreground_mean"]["Dice"]})
+        summaries = []
+        for fold in folds:
+            summary = folder / f"fold_{fold}" / "private" / "validation" / "summary.json"
+            if not summary.is_file():
+                raise DpunetError(f"{summary} not found: train and validate that run first")
+            summaries.append(load_json(summary))
+        report = folder / f"fold_{folds[0]}" / "release" / "privacy_report.json"
+        labels = list(summaries[0]["mean"])
+        rows.append({"epsilon": eps, "folds": len(folds),
+                     "sigma": load_json(report)["noise_multiplier"] if report.is_file() else None,
+                     **{f"dice_{k}": statistics.mean(v["mean"][k]["Dice"] for v in summaries) for k in labels},
+                     "dice_mean": statistics.mean(v["foreground_mean"]["Dice"] for v in summaries)})
     return rows
 
 
@@ -76,17 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="unet")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--run-tag", default="")
-    p.add_argument("--fold", default="0")
+    p.add_argument("--folds", nargs="+", default=["0"], help="folds to average (0)")
     p.add_argument("--epsilons", nargs="+", type=parse_epsilon, required=True)
     p.add_argument("-o", "--output", type=Path, required=True)
     args = p.parse_args(argv)
     task_name, _ = load_plans(args.task)
-    rows = curve_rows(task_name, args.configuration, args.epsilons, args.fold, args.arch, args.width, args.run_tag)
+    rows = curve_rows(task_name, args.configuration, args.epsilons, args.folds, args.arch, args.width, args.run_tag)
     with open(args.output.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.output, f"{task_name} {args.configuration}, {args.arch} width {args.width:g}, fold {args.fold}")
+    title = f"{task_name} {args.configuration}, {args.arch} width {args.width:g}, folds {' '.join(args.folds)}"
+    plot(rows, args.output, title)
     print(f"written: {args.output}, {args.output.with_suffix('.csv')}")
     return 0
 
