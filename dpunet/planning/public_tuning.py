@@ -88,11 +88,16 @@ def tuned_keys(record: dict[str, Any]) -> list[str]:
     return ["learning_rate"] + [k for k in keys if k != "learning_rate"]
 
 
+def _at_sample_rate(record: dict[str, Any], patients_per_step: float, num_patients: int) -> float:
+    """A q*N of the tuning rescaled to `num_patients` patients: the same sample rate q (folds differ in N)."""
+    return patients_per_step * num_patients / int(record["target"]["num_patients"])
+
+
 def transferred_patients_per_step(record: dict[str, Any], num_patients: int) -> int:
     """The tuned q*N for a run on `num_patients` patients: the tuned sample rate q carries over between folds
     (their N differ by a few patients), not the count."""
-    tuned_n = int(record["target"]["num_patients"])
-    return int(min(num_patients, max(1, round(record["chosen"]["patients_per_step"] * num_patients / tuned_n))))
+    expected = _at_sample_rate(record, record["chosen"]["patients_per_step"], num_patients)
+    return int(min(num_patients, max(1, round(expected))))
 
 
 def run_settings(cfg: Any, patients_per_step: int) -> dict[str, Any]:
@@ -112,7 +117,7 @@ def settings_mismatch(record: dict[str, Any], settings: dict[str, Any], num_pati
         a, b = tuned.get(key), settings.get(key)
         numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
         if key == "patients_per_step" and numbers and num_patients and tuned_n:
-            same = abs(b - a * num_patients / tuned_n) <= 1.0 + 1e-9
+            same = abs(b - _at_sample_rate(record, a, num_patients)) <= 1.0 + 1e-9
         else:
             same = math.isclose(float(a), float(b), rel_tol=1e-9) if numbers else a == b
         if not same:

@@ -55,14 +55,10 @@ class ProxyDefinition:
                 f"{self.spacing}")
 
 
-def check_generator_name(name: str) -> None:
-    public_source(name, "--proxy")
-
-
 def proxy_definition(task_name: str, configuration: str, generator: str, fold: int | str = 0,
                      num_validation: int = DEFAULT_VALIDATION_PATIENTS, seed: int = 0) -> ProxyDefinition:
     """The proxy for `configuration` of `task_name`: read from the plan, dataset.json and splits_final.json."""
-    check_generator_name(generator)
+    public_source(generator, "--proxy")  # refuses an unknown name
     if num_validation < 1:
         raise DpunetError(f"--proxy-validation-patients must be at least 1, got {num_validation}")
     _, _, plan_config, _, task = load_training_inputs(task_name, configuration)

@@ -35,10 +35,10 @@ from dpunet.planning.public_tuning import (PUBLIC_TUNING_FORMAT, TUNABLE, WHOLE_
                                            expected_patients_per_step, public_tuning_path, run_settings)
 from dpunet.preprocessing.run import preprocess_task
 from dpunet.pretraining.pretrain import pretrained_checkpoint_path
-from dpunet.pretraining.sources import PUBLIC_SOURCES
+from dpunet.pretraining.sources import PUBLIC_SOURCES, public_source
 from dpunet.training.config import TrainingConfig, merge_plan_and_options, pretraining_config
 from dpunet.tuning.proxy_task import (PROXY_TASK_NAME, ProxyDefinition, case_ids,
-                                      check_generator_name, proxy_definition, proxy_plans, write_proxy_task)
+                                      proxy_definition, proxy_plans, write_proxy_task)
 from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import load_json, write_json
 
@@ -217,7 +217,7 @@ def tune_public(task_name: str, configuration: str, epsilon: float, proxy: str =
     [values]}; a setting with one value is fixed, not tuned). `options`: the other TrainingConfig fields of the
     target run (arch, width, steps, patients_per_step, ...)."""
     t0 = time.perf_counter()
-    check_generator_name(proxy)
+    public_source(proxy, "--proxy")  # refuses an unknown name
     if not math.isfinite(epsilon):
         raise DpunetError("--eps inf: public tuning chooses DP hyperparameters; give a finite epsilon")
     rates, grid = candidate_grid(learning_rates, search or {})
