@@ -26,7 +26,9 @@ setup(
         "submitit>=1.5",
         "PyYAML>=6.0",
     ],
-    extras_require={"test": ["pytest>=7", "dp-accounting>=0.4", "medpy>=0.5"]},
+    # mlflow: dpunet_study report --mlflow (optional); the tests exercise it, so "test" installs it too
+    extras_require={"test": ["pytest>=7", "dp-accounting>=0.4", "medpy>=0.5", "mlflow-skinny>=3"],
+                    "mlflow": ["mlflow-skinny>=3"]},
     entry_points={
         "console_scripts": [
             "dpunet_verify_dataset=dpunet.dataset.cli:main",

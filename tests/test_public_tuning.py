@@ -299,6 +299,9 @@ def test_candidate_values_are_checked():
     for bad in ({"steps": [2.5]}, {"width": [0.5, 0.5]}, {"patients_per_step": [0]}, {"clip_norm": [1.0]}):
         with pytest.raises(DpunetError):
             candidate_grid([1e-2], bad)
+    for rates in ([], [1e-2, 1e-2], [0.0], [float("nan")], [True]):
+        with pytest.raises(DpunetError, match="--learning-rates candidates must be distinct positive numbers"):
+            candidate_grid(rates, {})
 
 
 def test_the_tuned_sample_rate_carries_over_to_folds_of_another_size():

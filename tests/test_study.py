@@ -3,6 +3,7 @@ acceptance study (killed in the middle, resumed, report checked against an indep
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -218,6 +219,12 @@ def test_tiny_study_resumes_and_reports_in_process(tiny_task, tmp_path, use_root
     assert run_study(spec, say=lambda s: None) == {"done": 0, "failed": 0, "submitted": 0}
     write_report(spec)
     _check_results(tiny_task, spec.folder)
+    if importlib.util.find_spec("mlflow"):  # the optional MLflow log, through the command (test extra installs it)
+        from dpunet.study.cli import main as study_main
+
+        with pytest.raises(SystemExit) as done:
+            study_main(["report", str(spec.path), "--folder", str(spec.folder), "--mlflow"])
+        assert done.value.code == 0 and (spec.folder / "mlruns").is_dir()
 
 
 @pytest.mark.slow
@@ -478,3 +485,54 @@ def test_parallel_cells_start_with_one_cell_per_pretraining_group(tmp_path, monk
     assert sorted(c.key for c in ordered) == sorted(c.key for c in spec.cells)
     first = [(c.arch, c.seed) for c in ordered[:4]]
     assert len(set(first)) == 4  # the 4 pretrainings are made before any cell could wait on or repeat one
+
+
+# ------------------------------------------------------------------------------------- MLflow (optional)
+def _rows() -> list[dict]:
+    done = {"key": "990__unet__2d__eps8__fold0", "status": "done", "task": "990", "configuration": "2d",
+            "arch": "unet", "width": 0.25, "epsilon": "8", "fold": "0", "seed": 0, "init": "none", "overrides": "{}",
+            "run_name": "unet__2d__eps8", "score_metric": "foreground Dice", "epsilon_prv": 7.99,
+            "dice_mean": 0.41, "hd95_1": float("nan"), "wall_seconds": 12.5, "parameters": 1234}
+    pending = {"key": "990__unet__2d__epsinf__fold0", "status": "pending", "task": "990", "arch": "unet"}
+    return [done, pending]
+
+
+def test_spec_mlflow_entry_is_validated(tmp_path):
+    spec_path = _write_spec(tmp_path / "tiny.yaml")
+    text = spec_path.read_text()
+    assert load_spec(spec_path).mlflow is None
+    spec_path.write_text(text + "mlflow: true\n")
+    assert load_spec(spec_path).mlflow == {"experiment": None, "tracking_uri": None}
+    spec_path.write_text(text + "mlflow: {tracking_uri: 'http://tracking:5000', experiment: grid}\n")
+    assert load_spec(spec_path).mlflow == {"experiment": "grid", "tracking_uri": "http://tracking:5000"}
+    spec_path.write_text(text + "mlflow: {uri: x}\n")
+    with pytest.raises(DpunetError, match="mlflow: expected true or a mapping"):
+        load_spec(spec_path)
+
+
+def test_without_mlflow_installed_the_message_says_what_to_install(tmp_path, monkeypatch):
+    from dpunet.study.tracking import log_cells
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow raises ImportError
+    with pytest.raises(DpunetError, match="pip install mlflow-skinny"):
+        log_cells(_rows(), "tiny", tmp_path, {"tracking_uri": None, "experiment": None})
+
+
+def test_finished_cells_are_logged_once_and_updated(tmp_path):
+    mlflow = pytest.importorskip("mlflow", reason="the optional MLflow logging needs mlflow-skinny")
+    from dpunet.study.tracking import CELL_TAG, default_tracking_uri, log_cells
+
+    rows = _rows()
+    setting = {"tracking_uri": None, "experiment": None}
+    assert log_cells(rows, "tiny", tmp_path, setting) == {"created": 1, "updated": 0}
+    rows[0]["dice_mean"] = 0.43
+    assert log_cells(rows, "tiny", tmp_path, setting) == {"created": 0, "updated": 1}
+    client = mlflow.tracking.MlflowClient(tracking_uri=default_tracking_uri(tmp_path))
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags[CELL_TAG] == rows[0]["key"]
+    assert runs[0].data.params["arch"] == "unet" and runs[0].data.params["epsilon"] == "8"
+    metrics = runs[0].data.metrics
+    assert metrics["dice_mean"] == pytest.approx(0.43) and metrics["epsilon_prv"] == pytest.approx(7.99)
+    assert metrics["parameters"] == 1234 and "hd95_1" not in metrics  # NaN is left out, not logged
+    assert (tmp_path / "mlruns").is_dir()

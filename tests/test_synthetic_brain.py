@@ -37,12 +37,16 @@ def _write_fake_template(folder, seed: int = 0) -> dict[str, np.ndarray]:
     wm = np.clip((0.55 - radius) * 8, 0, 1)
     gm = np.clip(1 - np.abs(radius - 0.7) * 6, 0, 1) * (1 - wm)
     t1 = 0.2 + 0.4 * gm + 0.8 * wm
-    arrays = {"t1": t1, "gm": gm, "wm": wm}
+    return write_template_files(folder, {"t1": t1, "gm": gm, "wm": wm}, np.eye(4))
+
+
+def write_template_files(folder, arrays: dict[str, np.ndarray], affine: np.ndarray) -> dict[str, np.ndarray]:
+    """The three maps as uint8 files like the real ones (each scaled to reach 255); returns the stored integers."""
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for role, (name, _) in mni_template.FILES.items():
         data = np.round(arrays[role] / arrays[role].max() * 255).astype(np.uint8)
-        nib.save(nib.Nifti1Image(data, np.eye(4)), folder / name)
+        nib.save(nib.Nifti1Image(data, affine), folder / name)
         out[role] = data
     return out
 

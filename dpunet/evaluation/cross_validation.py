@@ -94,7 +94,8 @@ def add_run_identity_arguments(p: argparse.ArgumentParser) -> None:
     (give the values the run was trained with; see run_folder_name)."""
     p.add_argument("--width", type=float, default=1.0, help="width multiplier the run was trained with (1)")
     p.add_argument("--seed", type=int, default=0, help="seed the run was trained with (0)")
-    p.add_argument("--init-from", default=None, metavar="random_images|synthetic_brain|none|CHECKPOINT",
+    p.add_argument("--init-from", default=None,
+                   metavar="random_images|synthetic_brain|synthetic_hippocampus|none|CHECKPOINT",
                    help="initial weights the run was trained from (default: the plan's, random_images)")
     p.add_argument("--run-tag", default="", help="run tag the run was trained with (dpunet_study sets one)")
 

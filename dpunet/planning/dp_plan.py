@@ -85,7 +85,7 @@ def hyperparameter_statement(task_name: str) -> str:
 
 # the public pretraining sources `--init-from` can name (dpunet.pretraining.sources maps each to its generator);
 # here so that lower layers (run names in evaluation) know them without importing the generators
-PUBLIC_PRETRAINING_SOURCES = ("random_images", "synthetic_brain")
+PUBLIC_PRETRAINING_SOURCES = ("random_images", "synthetic_brain", "synthetic_hippocampus")
 
 
 def training_defaults(private: bool, dim: int = 3) -> dict[str, Any]:

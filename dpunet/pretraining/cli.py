@@ -1,11 +1,11 @@
-"""dpunet_pretrain TASK [-c 2d|3d_fullres] [--init-from random_images|synthetic_brain] [--arch NAME] [--width W]
-[--steps T] [--batch-size B] [-o FILE]
+"""dpunet_pretrain TASK [-c 2d|3d_fullres] [--init-from random_images|synthetic_brain|synthetic_hippocampus]
+[--arch NAME] [--width W] [--steps T] [--batch-size B] [-o FILE]
 
 Pretrains the task's planned network, non-privately, on public data (no patient data, no privacy cost): images
-of random processes (random_images) or synthetic brain MR images from the public MNI152 template
-(synthetic_brain). dpunet_train does this itself with --init-from random_images (the plan default) or
-synthetic_brain;
-this command makes the checkpoint ahead of time, or with other settings for dpunet_train --init-from FILE
+of random processes (random_images), synthetic brain MR images from the public MNI152 template
+(synthetic_brain), or synthetic hippocampus crops from the same template labelled by a published anatomical
+prior (synthetic_hippocampus). dpunet_train does this itself with --init-from (random_images is the plan
+default); this command makes the checkpoint ahead of time, or with other settings for dpunet_train --init-from FILE
 (same -c, --arch, --width and network options: --dp-norm, --norm-groups, --output-stride, --encoder-depth).
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", help="task id (4) or name (Task04_Hippocampus)")
     p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
     p.add_argument("--init-from", "--source", dest="source", default=defaults.source, choices=list(PUBLIC_SOURCES),
-                   help="public data to pretrain on (random_images); synthetic_brain downloads the MNI152 template "
-                        "once (documentation/pretraining.md)")
+                   help="public data to pretrain on (random_images); synthetic_brain and synthetic_hippocampus "
+                        "download the MNI152 template once (documentation/pretraining.md)")
     p.add_argument("--arch", default=defaults.arch, help="architecture, as for dpunet_train (list: dpunet_archs)")
     p.add_argument("--width", type=float, default=defaults.width, help="width multiplier, as for dpunet_train")
     p.add_argument("--dp-norm", default=defaults.dp_norm, choices=["group", "instance"],

@@ -51,6 +51,8 @@ class MniTemplate:
     # flat indices of the voxels where grey + white matter > 0.5: crop centres are drawn from them
     brain_voxels: np.ndarray
     source: str
+    # voxel index -> MNI millimetres (4x4), the files' own affine: anatomical priors are placed with it
+    affine: np.ndarray
 
 
 def default_cache_dir() -> Path:
@@ -114,8 +116,8 @@ def _load(folder: str, hashes: tuple[str, ...]) -> MniTemplate:
     """Read the (checked) files once per process: `hashes` is part of the key, so other bytes are read anew."""
     import nibabel as nib
 
-    arrays = {role: np.asarray(nib.load(Path(folder) / name).dataobj, dtype=np.float32)
-              for role, (name, _) in FILES.items()}
+    images = {role: nib.load(Path(folder) / name) for role, (name, _) in FILES.items()}
+    arrays = {role: np.asarray(image.dataobj, dtype=np.float32) for role, image in images.items()}
     shapes = {a.shape for a in arrays.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3:
         raise DpunetError(f"MNI template in {folder}: the three files must be 3D volumes on one grid "
@@ -127,4 +129,4 @@ def _load(folder: str, hashes: tuple[str, ...]) -> MniTemplate:
         raise DpunetError(f"MNI template in {folder}: the grey- and white-matter maps hold no brain voxel")
     files = ", ".join(f"{name} (sha256 {sha})" for name, sha in FILES.values())
     source = f"{WHEEL} (PyPI): {files}; {LICENCE_NOTICE}"
-    return MniTemplate(arrays["t1"], arrays["gm"], arrays["wm"], brain, source)
+    return MniTemplate(arrays["t1"], arrays["gm"], arrays["wm"], brain, source, np.asarray(images["gm"].affine))

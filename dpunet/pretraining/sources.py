@@ -22,6 +22,7 @@ BatchFunction = Callable[[np.random.Generator, int, "Sequence[int]", int, int], 
 
 RANDOM_IMAGES = "random_images"
 SYNTHETIC_BRAIN = "synthetic_brain"
+SYNTHETIC_HIPPOCAMPUS = "synthetic_hippocampus"
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ PUBLIC_SOURCES: dict[str, PublicSource] = {s.name: s for s in (
     PublicSource(SYNTHETIC_BRAIN, "dpunet.pretraining.synthetic_brain", "synthetic_brain_sample",
                  "synthetic brain MR images (dpunet.pretraining.synthetic_brain, seed {seed}) generated from the "
                  "public MNI ICBM152 2009a symmetric template, {template}: no patient data", needs_mni_template=True),
+    PublicSource(SYNTHETIC_HIPPOCAMPUS, "dpunet.pretraining.synthetic_hippocampus", "synthetic_hippocampus_sample",
+                 "synthetic hippocampus crops (dpunet.pretraining.synthetic_hippocampus, seed {seed}) generated from "
+                 "the public MNI ICBM152 2009a symmetric template, {template}, labelled by a published anatomical "
+                 "prior (hippocampal axis from Seitzman et al. 2020's ROI centres, head/body split at MNI y = -21 "
+                 "after Poppenk et al. 2013): no patient data", needs_mni_template=True),
 )}
 
 

@@ -15,7 +15,8 @@ from the caller's generator.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +39,10 @@ def _upsampled_field(rng: np.random.Generator, count: int, control: int, shape: 
     return torch.nn.functional.interpolate(coarse, size=tuple(shape), mode=mode, align_corners=True)[0].numpy()
 
 
+# rng -> (3,) template voxel coordinates of a patch's centre
+CentreFunction = Callable[[np.random.Generator], np.ndarray]
+
+
 def _rotation(rng: np.random.Generator, dim: int) -> np.ndarray:
     """A rotation by at most MAX_ROTATION_DEGREES in each coordinate plane."""
     matrix = np.eye(dim)
@@ -49,18 +54,18 @@ def _rotation(rng: np.random.Generator, dim: int) -> np.ndarray:
     return matrix
 
 
-def _template_coordinates(rng: np.random.Generator, template: MniTemplate, shape: tuple[int, ...],
+def _template_coordinates(rng: np.random.Generator, draw_centre: CentreFunction, shape: tuple[int, ...],
                           voxel_mm: float, deform: bool) -> np.ndarray:
-    """(3, *shape) template voxel coordinates of the patch's voxels. Without `deform`: an axis-aligned crop
-    (3D: the template's axis order; 2D: a slice across a random axis) at template spacing, centred on a brain
-    voxel at integer offsets, so every patch voxel falls on a template voxel."""
+    """(3, *shape) template voxel coordinates of the patch's voxels, centred on the template voxel
+    `draw_centre(rng)` (drawn after the axes, so seeded samples stay what they were before centres could vary).
+    Without `deform`: an axis-aligned crop (3D: the template's axis order; 2D: a slice across a random axis) at
+    template spacing, at integer offsets, so every patch voxel falls on a template voxel."""
     dim = len(shape)
     axes = np.sort(rng.permutation(3)[:dim]) if not deform or dim == 2 else rng.permutation(3)
     signs = rng.choice([-1.0, 1.0], dim) if deform else np.ones(dim)
     embed = np.zeros((3, dim))
     embed[axes, np.arange(dim)] = signs
-    centre = np.array(np.unravel_index(template.brain_voxels[rng.integers(template.brain_voxels.size)],
-                                       template.t1.shape), dtype=np.float64)
+    centre = draw_centre(rng)
     grid = np.stack(np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")).reshape(dim, -1)
     points = grid * voxel_mm
     if deform:
@@ -68,6 +73,11 @@ def _template_coordinates(rng: np.random.Generator, template: MniTemplate, shape
         elastic = _upsampled_field(rng, dim, ELASTIC_CONTROL_POINTS, shape) * rng.uniform(0, MAX_ELASTIC_MM)
         points = affine @ points + elastic.reshape(dim, -1)
     return (centre[:, None] + embed @ points).reshape(3, *shape)
+
+
+def random_voxel(rng: np.random.Generator, flat_indices: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """One of the template voxels `flat_indices`, drawn uniformly, as (3,) voxel coordinates."""
+    return np.array(np.unravel_index(flat_indices[rng.integers(flat_indices.size)], shape), dtype=np.float64)
 
 
 def _labels(gm: np.ndarray, wm: np.ndarray, num_classes: int) -> np.ndarray:
@@ -113,18 +123,23 @@ def _resolution_jitter(rng: np.random.Generator, image: np.ndarray) -> np.ndarra
     return torch.nn.functional.interpolate(down, size=image.shape, mode=mode, align_corners=True)[0, 0].numpy()
 
 
-def synthetic_brain_sample(rng: np.random.Generator, shape: Sequence[int], channels: int, num_classes: int,
-                           template: MniTemplate, deform: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(image (channels, *shape) float32, z-scored per channel; labels (1, *shape) int16 in 0..num_classes-1),
-    like random_segmentation_sample. `deform=False` leaves out the affine, the flips and the elastic warp."""
+# labels of a patch from its template coordinates and the warped grey- and white-matter maps
+LabelFunction = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def warped_template_sample(rng: np.random.Generator, shape: Sequence[int], channels: int, template: MniTemplate,
+                           draw_centre: CentreFunction, labels_of: LabelFunction,
+                           deform: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A randomised MR patch of the template around the voxel `draw_centre(rng)`, labelled by
+    `labels_of(coords, gm, wm)`: (image (channels, *shape) float32, z-scored per channel; labels (1, *shape) int16)."""
     shape = tuple(int(n) for n in shape)
     scale = min(1.0, MAX_GENERATION_SIZE / max(shape))
     # a large patch is generated on a coarser grid covering the same field of view, then resized
     generated = shape if scale == 1.0 else tuple(max(4, round(n * scale)) for n in shape)
-    coords = _template_coordinates(rng, template, generated, 1.0 / scale, deform)
+    coords = _template_coordinates(rng, draw_centre, generated, 1.0 / scale, deform)
     t1, gm, wm = (ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0)
                   for volume in (template.t1, template.gm, template.wm))
-    labels = _labels(gm, wm, num_classes)
+    labels = labels_of(coords, gm, wm).astype(np.int16)
     image = np.stack([_channel(rng, t1, gm, wm) for _ in range(channels)]).astype(np.float32)
     if generated != shape:
         mode = "bilinear" if len(shape) == 2 else "trilinear"
@@ -133,3 +148,13 @@ def synthetic_brain_sample(rng: np.random.Generator, shape: Sequence[int], chann
         labels = torch.nn.functional.interpolate(torch.from_numpy(labels.astype(np.float32))[None, None],
                                                  size=shape, mode="nearest")[0, 0].numpy().astype(np.int16)
     return _standardise(image), labels[None]
+
+
+def synthetic_brain_sample(rng: np.random.Generator, shape: Sequence[int], channels: int, num_classes: int,
+                           template: MniTemplate, deform: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(image (channels, *shape) float32, z-scored per channel; labels (1, *shape) int16 in 0..num_classes-1),
+    like random_segmentation_sample, around a random brain voxel. `deform=False` leaves out the affine, the
+    flips and the elastic warp."""
+    return warped_template_sample(rng, shape, channels, template,
+                                  partial(random_voxel, flat_indices=template.brain_voxels, shape=template.t1.shape),
+                                  lambda coords, gm, wm: _labels(gm, wm, num_classes), deform)

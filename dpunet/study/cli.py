@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cells", nargs="*", help="run-cell: the cell key(s); run: only these cells")
     p.add_argument("--folder", default=None, help="study folder (replaces the spec's)")
     p.add_argument("--out", default=None, help="report: folder for results.csv, report.md, plots (default: study)")
+    p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
+                   help="report: also log every finished cell to MLflow (default store: <study>/mlruns; needs "
+                        "pip install mlflow-skinny); the spec's `mlflow` entry does the same")
     p.add_argument("-v", "--verbose", action="store_true", help="status: one line per cell")
     return p
 
@@ -62,6 +65,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         result = write_report(spec, Path(args.out) if args.out else None)
         print("written: " + ", ".join(str(p) for p in result["files"]))
+        setting = spec.mlflow if args.mlflow is None else {**(spec.mlflow or {"experiment": None}),
+                                                           "tracking_uri": args.mlflow or None}
+        if setting is not None:
+            from dpunet.study.tracking import default_tracking_uri, log_cells
+
+            counts = log_cells(result["rows"], spec.name, spec.folder, setting)
+            print(f"MLflow ({setting.get('tracking_uri') or default_tracking_uri(spec.folder)}, experiment "
+                  f"{setting.get('experiment') or spec.name}): {counts['created']} run(s) created, "
+                  f"{counts['updated']} updated")
     elif args.command == "run-cell":
         from dpunet.study.cells import run_cell_job
 

@@ -35,7 +35,7 @@ FACTORS = ("task", "configuration", "arch", "width", "epsilon", "fold", "seed", 
 GRID_KEYS = {"architectures": "arch", "widths": "width", "epsilons": "epsilon", "folds": "fold", "seeds": "seed",
              "init": "init"}
 TOP_KEYS = {"name", "description", "tasks", "exclude", "arch_overrides", "overrides", "executor", "folder",
-            "predict_test", "budget_note", *GRID_KEYS}
+            "predict_test", "budget_note", "mlflow", *GRID_KEYS}
 TASK_KEYS = {"task", "configuration", "overrides", *GRID_KEYS}
 #: training options a spec may not set through overrides: they are factors of the cell, or set by the study
 NOT_OVERRIDES = {"task", "configuration", "fold", "epsilon", "arch", "seed", "init_from", "run_tag"}
@@ -107,6 +107,8 @@ class StudySpec:
     description: str = ""
     budget_note: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    # {tracking_uri, experiment} when the report logs cells to MLflow (dpunet.study.tracking), else None
+    mlflow: Optional[dict[str, Optional[str]]] = None
 
     def cell(self, key: str) -> Cell:
         for c in self.cells:
@@ -294,13 +296,14 @@ def parse_spec(raw: Any, path: Path) -> StudySpec:
     if not unique:
         raise _err(path, "exclude", "every cell is excluded")
     from dpunet.paths import results_root
+    from dpunet.study.tracking import parse_mlflow_setting
 
     folder = Path(raw["folder"]) if raw.get("folder") else results_root() / "studies" / name
     return StudySpec(path=path, name=name, cells=list(unique.values()),
                      executor=parse_executor(path, raw.get("executor")),
                      folder=folder, predict_test=bool(raw.get("predict_test", True)),
                      description=str(raw.get("description", "")), budget_note=str(raw.get("budget_note", "")),
-                     raw=raw)
+                     raw=raw, mlflow=parse_mlflow_setting(raw.get("mlflow"), f"{path}: mlflow"))
 
 
 def load_spec(path: str | Path, folder: Optional[str | Path] = None) -> StudySpec:

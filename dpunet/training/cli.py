@@ -40,10 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "ResNet-34-like (34: 3, 4, 6, 3)")
     p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
                    help="parameters DP-SGD updates; the rest keep their seeded initialisation (all)")
-    p.add_argument("--init-from", default=None, metavar="random_images|synthetic_brain|none|CHECKPOINT",
+    p.add_argument("--init-from", default=None,
+                   metavar="random_images|synthetic_brain|synthetic_hippocampus|none|CHECKPOINT",
                    help="initial weights: the planned network pretrained on random-process images (random_images, "
-                        "plan default) or on synthetic brain MR images from the public MNI152 template "
-                        "(synthetic_brain; made once per task and cached), a random initialisation (none), or a "
+                        "plan default), on synthetic brain MR images from the public MNI152 template "
+                        "(synthetic_brain) or on synthetic hippocampus crops labelled by a published anatomical "
+                        "prior (synthetic_hippocampus; both made once per task and cached), a random "
+                        "initialisation (none), or a "
                         "checkpoint trained on public data; the privacy report lists them")
     p.add_argument("--pretraining-steps", type=int, default=None,
                    help="steps of that pretraining (plan default: 1500 in 2D, 600 in 3D)")

@@ -1,4 +1,4 @@
-"""dpunet_tune_public -t TASK -c CONFIGURATION --eps E [--proxy random_images|synthetic_brain]
+"""dpunet_tune_public -t TASK -c CONFIGURATION --eps E [--proxy random_images|synthetic_brain|synthetic_hippocampus]
 [--learning-rates 3e-3,1e-2,3e-2] [--arch NAME] [--width W[,W2..]] [--steps T[,T2..]]
 [--patients-per-step B[,B2..]] [--patches-per-patient K[,K2..]] ...
 
@@ -14,23 +14,25 @@ one) and the privacy report says so. No private image or label is read (document
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from dpunet.utils.arguments import parse_epsilon
 from dpunet.utils.errors import DpunetError, cli_entry
 
 
-def parse_numbers(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"comma-separated numbers expected, got {text!r}") from None
+def comma_separated(kind: type, what: str) -> Callable[[str], list]:
+    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)], else a message naming `what` was expected."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"comma-separated {what} expected, got {text!r}") from None
+
+    return parse
 
 
-def parse_counts(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"comma-separated whole numbers expected, got {text!r}") from None
+parse_numbers = comma_separated(float, "numbers")
+parse_counts = comma_separated(int, "whole numbers")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -187,24 +187,26 @@ def choose(candidates: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return max(scored, key=lambda c: c["proxy_mean_foreground_dice"])
 
 
+def _checked_values(option: str, values: Sequence[Any], whole: bool) -> list[Any]:
+    """`values` as distinct positive (whole) numbers, else an error naming the option."""
+    values = list(values)
+    if not values or len(set(values)) != len(values) or any(
+            isinstance(v, bool) or not (math.isfinite(v) and v > 0) or (whole and int(v) != v) for v in values):
+        raise DpunetError(f"{option} candidates must be distinct positive {'whole numbers' if whole else 'numbers'}, "
+                          f"got {values}")
+    return [int(v) if whole else float(v) for v in values]
+
+
 def candidate_grid(learning_rates: Sequence[float], search: Mapping[str, Sequence[float]]
                    ) -> tuple[list[float], dict[str, list[Any]]]:
     """The checked candidate values: distinct positive learning rates, and for each searched setting (steps,
     patients_per_step, patches_per_patient: whole numbers; width) distinct positive values."""
-    rates = [float(r) for r in learning_rates]
-    if not rates or any(not (math.isfinite(r) and r > 0) for r in rates) or len(set(rates)) != len(rates):
-        raise DpunetError(f"--learning-rates must be distinct positive numbers, got {list(learning_rates)}")
+    rates = _checked_values("--learning-rates", learning_rates, whole=False)
     grid: dict[str, list[Any]] = {}
     for key, values in search.items():
         if key not in TUNABLE[1:]:
             raise DpunetError(f"cannot tune {key!r} on the proxy; tunable: {', '.join(TUNABLE)}")
-        values = list(values)
-        whole = key in WHOLE_NUMBERS
-        if not values or len(set(values)) != len(values) or any(
-                isinstance(v, bool) or not (math.isfinite(v) and v > 0) or (whole and int(v) != v) for v in values):
-            raise DpunetError(f"--{key.replace('_', '-')} candidates must be distinct positive "
-                              f"{'whole numbers' if whole else 'numbers'}, got {values}")
-        grid[key] = [int(v) if whole else float(v) for v in values]
+        grid[key] = _checked_values(f"--{key.replace('_', '-')}", values, whole=key in WHOLE_NUMBERS)
     return rates, grid
 
 
