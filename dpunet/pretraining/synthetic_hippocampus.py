@@ -93,7 +93,7 @@ def _draw_centre(rng: np.random.Generator, template: MniTemplate) -> np.ndarray:
     _, hippocampus, neighbourhood = _prior(template)
     pool = hippocampus if rng.random() < CENTRE_ON_HIPPOCAMPUS and hippocampus.size else neighbourhood
     voxel = np.array(np.unravel_index(pool[rng.integers(pool.size)], template.gm.shape), dtype=np.float64)
-    voxel_mm = np.abs(np.diag(template.affine)[:3])
+    voxel_mm = np.linalg.norm(template.affine[:3, :3], axis=0)  # spacing per voxel axis, rotated grids too
     return voxel + rng.uniform(-CENTRE_JITTER_MM, CENTRE_JITTER_MM, 3) / voxel_mm
 
 
