@@ -524,9 +524,10 @@ def test_finished_cells_are_logged_once_and_updated(tmp_path):
 
     rows = _rows()
     setting = {"tracking_uri": None, "experiment": None}
-    assert log_cells(rows, "tiny", tmp_path, setting) == {"created": 1, "updated": 0}
+    where = {"tracking_uri": default_tracking_uri(tmp_path), "experiment": "tiny"}
+    assert log_cells(rows, "tiny", tmp_path, setting) == {"created": 1, "updated": 0, **where}
     rows[0]["dice_mean"] = 0.43
-    assert log_cells(rows, "tiny", tmp_path, setting) == {"created": 0, "updated": 1}
+    assert log_cells(rows, "tiny", tmp_path, setting) == {"created": 0, "updated": 1, **where}
     client = mlflow.tracking.MlflowClient(tracking_uri=default_tracking_uri(tmp_path))
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id])
@@ -536,3 +537,28 @@ def test_finished_cells_are_logged_once_and_updated(tmp_path):
     assert metrics["dice_mean"] == pytest.approx(0.43) and metrics["epsilon_prv"] == pytest.approx(7.99)
     assert metrics["parameters"] == 1234 and "hd95_1" not in metrics  # NaN is left out, not logged
     assert (tmp_path / "mlruns").is_dir()
+
+
+def test_report_mlflow_option_and_spec_entry_combine(tmp_path, monkeypatch):
+    """--mlflow URI replaces the spec's store, a bare --mlflow keeps it; without either nothing is logged."""
+    from dpunet.study import report, tracking
+    from dpunet.study.cli import main as study_main
+
+    monkeypatch.setattr(report, "write_report", lambda spec, folder=None: {"rows": _rows(), "files": []})
+    seen = []
+    monkeypatch.setattr(tracking, "log_cells", lambda rows, name, folder, setting: seen.append(dict(setting)) or {
+        "created": 1, "updated": 0, "tracking_uri": setting["tracking_uri"], "experiment": name})
+    spec_path = _write_spec(tmp_path / "tiny.yaml")
+    plain = spec_path.read_text()
+    with_store = tmp_path / "store.yaml"
+    with_store.write_text(plain + "mlflow: {tracking_uri: 'http://tracking:5000', experiment: grid}\n")
+    for spec, options, expected in ((spec_path, [], None),
+                                    (spec_path, ["--mlflow"], {"tracking_uri": None, "experiment": None}),
+                                    (with_store, ["--mlflow"], {"tracking_uri": "http://tracking:5000",
+                                                                "experiment": "grid"}),
+                                    (with_store, ["--mlflow", "sqlite:///x.db"], {"tracking_uri": "sqlite:///x.db",
+                                                                                  "experiment": "grid"})):
+        seen.clear()
+        with pytest.raises(SystemExit) as done:
+            study_main(["report", str(spec), "--folder", str(tmp_path / "study"), *options])
+        assert done.value.code == 0 and seen == ([] if expected is None else [expected])

@@ -20,7 +20,7 @@ import numpy as np
 from dpunet.dataset.msd import case_id_from_path
 from dpunet.evaluation.evaluate import aggregate_metrics
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
-from dpunet.planning.dp_plan import PUBLIC_PRETRAINING_SOURCES
+from dpunet.planning.dp_plan import INIT_FROM_METAVAR, PUBLIC_PRETRAINING_SOURCES
 from dpunet.release import private_folder, release_folder
 from dpunet.utils.errors import DpunetError, cli_entry
 from dpunet.utils.files import read_json_file, write_json, write_text
@@ -94,8 +94,7 @@ def add_run_identity_arguments(p: argparse.ArgumentParser) -> None:
     (give the values the run was trained with; see run_folder_name)."""
     p.add_argument("--width", type=float, default=1.0, help="width multiplier the run was trained with (1)")
     p.add_argument("--seed", type=int, default=0, help="seed the run was trained with (0)")
-    p.add_argument("--init-from", default=None,
-                   metavar="random_images|synthetic_brain|synthetic_hippocampus|none|CHECKPOINT",
+    p.add_argument("--init-from", default=None, metavar=INIT_FROM_METAVAR,
                    help="initial weights the run was trained from (default: the plan's, random_images)")
     p.add_argument("--run-tag", default="", help="run tag the run was trained with (dpunet_study sets one)")
 

@@ -86,6 +86,8 @@ def hyperparameter_statement(task_name: str) -> str:
 # the public pretraining sources `--init-from` can name (dpunet.pretraining.sources maps each to its generator);
 # here so that lower layers (run names in evaluation) know them without importing the generators
 PUBLIC_PRETRAINING_SOURCES = ("random_images", "synthetic_brain", "synthetic_hippocampus")
+# what --init-from takes, for the options that name it (dpunet_train, dpunet_cv_summary, ...)
+INIT_FROM_METAVAR = "|".join((*PUBLIC_PRETRAINING_SOURCES, "none", "CHECKPOINT"))
 
 
 def training_defaults(private: bool, dim: int = 3) -> dict[str, Any]:

@@ -97,23 +97,24 @@ def _draw_centre(rng: np.random.Generator, template: MniTemplate) -> np.ndarray:
     return voxel + rng.uniform(-CENTRE_JITTER_MM, CENTRE_JITTER_MM, 3) / voxel_mm
 
 
-def _fold_labels(prior: np.ndarray, num_classes: int) -> np.ndarray:
+def _fold_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Anterior and posterior as classes 1 and 2; with one foreground class, the whole hippocampus."""
     if num_classes >= 3:
-        return prior
+        return labels
     if num_classes == 2:
-        return (prior > 0).astype(np.int16)
-    return np.zeros_like(prior)
+        return (labels > 0).astype(labels.dtype)
+    return np.zeros_like(labels)
 
 
 def synthetic_hippocampus_sample(rng: np.random.Generator, shape: Sequence[int], channels: int, num_classes: int,
                                  template: MniTemplate, deform: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(image (channels, *shape) float32, z-scored per channel; labels (1, *shape) int16 in 0..num_classes-1),
     like random_segmentation_sample: a randomised MR crop near a hippocampus, labelled by the prior."""
-    prior = _fold_labels(hippocampus_prior(template), num_classes)
+    prior = hippocampus_prior(template)
 
     def labels_of(coords: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
-        return ndimage.map_coordinates(prior, coords, order=0, mode="constant", cval=0)
+        # folded on the patch: folding the whole template grid per sample would cost ~9M voxels each time
+        return _fold_labels(ndimage.map_coordinates(prior, coords, order=0, mode="constant", cval=0), num_classes)
 
     return warped_template_sample(rng, shape, channels, template, lambda r: _draw_centre(r, template), labels_of,
                                   deform)

@@ -65,15 +65,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         result = write_report(spec, Path(args.out) if args.out else None)
         print("written: " + ", ".join(str(p) for p in result["files"]))
-        setting = spec.mlflow if args.mlflow is None else {**(spec.mlflow or {"experiment": None}),
-                                                           "tracking_uri": args.mlflow or None}
+        setting = spec.mlflow
+        if args.mlflow is not None:  # --mlflow URI replaces the spec's store; a bare --mlflow keeps it
+            setting = {"tracking_uri": None, "experiment": None, **(spec.mlflow or {})}
+            setting["tracking_uri"] = args.mlflow or setting["tracking_uri"]
         if setting is not None:
-            from dpunet.study.tracking import default_tracking_uri, log_cells
+            from dpunet.study.tracking import log_cells
 
-            counts = log_cells(result["rows"], spec.name, spec.folder, setting)
-            print(f"MLflow ({setting.get('tracking_uri') or default_tracking_uri(spec.folder)}, experiment "
-                  f"{setting.get('experiment') or spec.name}): {counts['created']} run(s) created, "
-                  f"{counts['updated']} updated")
+            logged = log_cells(result["rows"], spec.name, spec.folder, setting)
+            print(f"MLflow ({logged['tracking_uri']}, experiment {logged['experiment']}): {logged['created']} "
+                  f"run(s) created, {logged['updated']} updated")
     elif args.command == "run-cell":
         from dpunet.study.cells import run_cell_job
 

@@ -65,8 +65,9 @@ def _metrics(row: dict[str, Any]) -> dict[str, float]:
 
 
 def log_cells(rows: list[dict[str, Any]], study_name: str, study_folder: Path,
-              setting: dict[str, Optional[str]]) -> dict[str, int]:
-    """Log every done row (results.csv rows) as an MLflow run; returns {'created': n, 'updated': m}."""
+              setting: dict[str, Optional[str]]) -> dict[str, Any]:
+    """Log every done row (results.csv rows) as an MLflow run; returns {'created': n, 'updated': m,
+    'tracking_uri': the store used, 'experiment': its experiment}."""
     mlflow = _import_mlflow()
     uri = setting.get("tracking_uri") or default_tracking_uri(study_folder)
     if uri.startswith("file:") or "://" not in uri:
@@ -76,7 +77,7 @@ def log_cells(rows: list[dict[str, Any]], study_name: str, study_folder: Path,
     experiment_name = setting.get("experiment") or study_name
     experiment = client.get_experiment_by_name(experiment_name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
-    counts = {"created": 0, "updated": 0}
+    counts: dict[str, Any] = {"created": 0, "updated": 0, "tracking_uri": uri, "experiment": experiment_name}
     for row in rows:
         if row.get("status") != "done":
             continue

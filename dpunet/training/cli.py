@@ -11,6 +11,7 @@ import argparse
 import json
 
 from dpunet.architectures import TRAINABLE_SUBSETS
+from dpunet.planning.dp_plan import INIT_FROM_METAVAR
 from dpunet.utils.arguments import parse_epsilon
 from dpunet.utils.errors import cli_entry
 
@@ -40,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ResNet-34-like (34: 3, 4, 6, 3)")
     p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
                    help="parameters DP-SGD updates; the rest keep their seeded initialisation (all)")
-    p.add_argument("--init-from", default=None,
-                   metavar="random_images|synthetic_brain|synthetic_hippocampus|none|CHECKPOINT",
+    p.add_argument("--init-from", default=None, metavar=INIT_FROM_METAVAR,
                    help="initial weights: the planned network pretrained on random-process images (random_images, "
                         "plan default), on synthetic brain MR images from the public MNI152 template "
                         "(synthetic_brain) or on synthetic hippocampus crops labelled by a published anatomical "
