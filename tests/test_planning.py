@@ -186,3 +186,56 @@ def test_hippocampus_plans_match_nnunet_reference(hippocampus_dir, tmp_path):
     assert len(splits) == 5 and plans["split_scheme"] == "patient_hash"
     assert sorted(c for split in splits for c in split["val"]) == sorted(splits[0]["train"] + splits[0]["val"])
     assert all(120 <= len(split["train"]) <= 180 for split in splits)
+
+
+def test_plan_picks_its_public_start_from_declared_metadata_only(synthetic_task, capsys):
+    """dataset.json's declared modality and anatomy choose the pretraining source: an MR hippocampus task starts
+    from the hippocampus prior, anything else (CT, another structure, mixed channels) from random images."""
+    import dataclasses
+
+    from dpunet.planning.dp_plan import default_pretraining_source
+
+    assert default_pretraining_source("Hippocampus", "Left and right hippocampus segmentation", ["MRI"],
+                                      ["background", "Anterior", "Posterior"])[0] == "synthetic_hippocampus"
+    assert default_pretraining_source("Task99", "", ["T1w", "FLAIR"], ["background", "hippocampus"])[0] \
+        == "synthetic_hippocampus"
+    for name, channels, labels in (("Hippocampus", ["CT"], ["background", "hippocampus"]),
+                                   ("Hippocampus", ["MRI", "CT"], ["background", "hippocampus"]),
+                                   ("Heart", ["MRI"], ["background", "left atrium"]),
+                                   ("Hippocampus", [], ["background"])):
+        assert default_pretraining_source(name, "", channels, labels)[0] == "random_images", (name, channels)
+
+    task = load_task(synthetic_task)
+    fp = extract_fingerprint(task)
+    plain = plan_experiment(task, fp, ["2d"])[0]["configurations"]["2d"]["training"]
+    assert plain["init_from"] == "random_images" and "random processes" in plain["init_from_rule"]
+    hippocampus = dataclasses.replace(task, name="Task990_Hippocampus", channel_names={0: "MRI"})
+    full_plans = plan_experiment(hippocampus, fp, ["2d", "3d_fullres"])[0]
+    plans = full_plans["configurations"]
+    assert {c["training"]["init_from"] for c in plans.values()} == {"synthetic_hippocampus"}
+    assert all("names the hippocampus" in c["training"]["init_from_rule"] for c in plans.values())
+    from dpunet.planning.run import print_plan_summary
+
+    print_plan_summary(full_plans)
+    assert capsys.readouterr().out.count("start: pretrained on synthetic_hippocampus (dataset.json declares") == 2
+
+
+def test_predict_and_cv_find_a_run_trained_from_the_plans_start(tmp_path, monkeypatch, capsys):
+    """A run trained without --init-from carries the plan's start in its name when that is not random_images;
+    dpunet_predict and dpunet_cv_summary, also given no --init-from, must look for that name."""
+    from dpunet.evaluation.cross_validation import main as cv_main
+    from dpunet.inference.predictor import run_directory
+
+    monkeypatch.setenv("DPUNET_PREPROCESSED", str(tmp_path / "pre"))
+    monkeypatch.setenv("DPUNET_RESULTS", str(tmp_path / "res"))
+    plan_dir = tmp_path / "pre" / "Task990_Hippocampus"
+    plan_dir.mkdir(parents=True)
+    (plan_dir / "dpunet_plans.json").write_text(json.dumps(
+        {"configurations": {"2d": {"training": {"init_from": "synthetic_hippocampus"}}}}))
+    run = tmp_path / "res" / "Task990_Hippocampus" / "unet__2d__eps8__init-synthetic_hippocampus"
+    run.mkdir(parents=True)
+    assert run_directory("Task990_Hippocampus", "2d", 8.0, "unet") == run
+    assert run_directory("Task990_Hippocampus", "2d", 8.0, "unet", {"init_from": "synthetic_hippocampus"}) == run
+    with pytest.raises(SystemExit):  # the right folder was looked in: it holds no evaluated fold yet
+        cv_main(["-t", "Task990_Hippocampus", "-c", "2d", "--eps", "8", "-f", "0"])
+    assert f"{run.name}/fold_0" in capsys.readouterr().err

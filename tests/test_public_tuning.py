@@ -168,7 +168,7 @@ def test_the_statement_names_what_stays_private_on_the_task_the_defaults_were_tu
                                              DEFAULTS_TUNED_ON_TASK)
     elsewhere = public_tuning_statement("public_tuning__2d__unet__eps8.json", "ab" * 32, "synthetic_brain",
                                         "Task990_Synthetic3D")
-    assert "pretraining length was chosen on private validation data of THIS task" in on_hippocampus
+    assert "pretraining length and start were chosen on private data of THIS task" in on_hippocampus
     assert "THIS task" not in elsewhere and "public proxy" in elsewhere and "ab" * 32 in elsewhere
 
 

@@ -21,6 +21,7 @@ from dpunet.dataset.msd import case_id_from_path
 from dpunet.evaluation.evaluate import aggregate_metrics
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
 from dpunet.planning.dp_plan import INIT_FROM_METAVAR, PUBLIC_PRETRAINING_SOURCES
+from dpunet.planning.plans import planned_init_from
 from dpunet.release import private_folder, release_folder
 from dpunet.utils.errors import DpunetError, cli_entry
 from dpunet.utils.files import read_json_file, write_json, write_text
@@ -68,7 +69,7 @@ def run_folder_name(arch: str, configuration: str, eps: float, *, width: float =
                     init_from: Optional[str] = None, run_tag: str = "") -> str:
     """The run's identity, the folder of one run under results_root()/<Task>/.
 
-    '<arch>__<configuration>__eps<e>' with the defaults (width 1, seed 0, the plan's initialisation, no tag), so
+    '<arch>__<configuration>__eps<e>' with the defaults (width 1, seed 0, random_images start, no tag), so
     older runs keep their names; each non-default factor is appended, e.g.
     'unet__2d__eps8__w0.25__seed1__init-none__h1a2b3c4' (run_tag: a study's short hash of its other overrides).
     dpunet_train, dpunet_predict, dpunet_cv_summary and dpunet_study all name runs through this function.
@@ -95,13 +96,22 @@ def add_run_identity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=float, default=1.0, help="width multiplier the run was trained with (1)")
     p.add_argument("--seed", type=int, default=0, help="seed the run was trained with (0)")
     p.add_argument("--init-from", default=None, metavar=INIT_FROM_METAVAR,
-                   help="initial weights the run was trained from (default: the plan's, random_images)")
+                   help="initial weights the run was trained from (default: the plan's training.init_from)")
     p.add_argument("--run-tag", default="", help="run tag the run was trained with (dpunet_study sets one)")
 
 
 def run_identity_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of run_folder_name from parsed add_run_identity_arguments options."""
     return {"width": args.width, "seed": args.seed, "init_from": args.init_from, "run_tag": args.run_tag}
+
+
+def with_planned_start(task_name: str, configuration: str, identity: dict[str, Any] | None) -> dict[str, Any]:
+    """`identity` (run_folder_name's keywords) with no init_from given filled with the plan's start, as
+    dpunet_train without --init-from uses it (the run's folder name carries it)."""
+    identity = dict(identity or {})
+    if identity.get("init_from") is None:
+        identity["init_from"] = planned_init_from(task_name, configuration)
+    return identity
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
@@ -335,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     task = resolve_task(args.task, results_root(), raw_root(), preprocessed_root())
-    name = run_folder_name(args.arch, args.configuration, args.eps, **run_identity_kwargs(args))
+    identity = with_planned_start(task, args.configuration, run_identity_kwargs(args))
+    name = run_folder_name(args.arch, args.configuration, args.eps, **identity)
     run_dir = results_root() / task / name
     cv = summarize_cross_validation(run_dir, args.folds, n_splits=args.n_splits)
     print(format_cv_markdown(cv))

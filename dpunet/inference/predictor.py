@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dpunet.architectures import configuration_for_arch
-from dpunet.evaluation.cross_validation import format_epsilon, run_folder_name
+from dpunet.evaluation.cross_validation import DEFAULT_INIT, format_epsilon, run_folder_name, with_planned_start
 from dpunet.inference.case_io import (InputCase, check_input_channels, export_prediction, find_input_cases,
                                       input_case_problems, mark_complete, mark_incomplete, preprocess_input_case)
 from dpunet.inference.ensemble_privacy import (PATIENT_HASH_SOURCE, case_to_patient_map, ensemble_privacy_note,
@@ -124,7 +124,8 @@ def run_directory(task_name: str, configuration: str, epsilon: float, arch: str,
                   identity: dict[str, Any] | None = None) -> Path:
     """results_root()/<Task>/<run identity>, with a clear error when it does not exist. `identity`: width, seed,
     init_from, run_tag as the run was trained with (run_folder_name's keywords; defaults when None)."""
-    run_dir = results_root() / task_name / run_folder_name(arch, configuration, epsilon, **(identity or {}))
+    identity = with_planned_start(task_name, configuration, identity)
+    run_dir = results_root() / task_name / run_folder_name(arch, configuration, epsilon, **identity)
     if run_dir.is_dir():
         return run_dir
     planned = _planned_configurations(task_name)
@@ -140,7 +141,7 @@ def run_directory(task_name: str, configuration: str, epsilon: float, arch: str,
 
 def _identity_options(identity: dict[str, Any] | None) -> str:
     """The dpunet_train options that give a run its non-default identity factors."""
-    flags = {"width": ("--width", 1.0), "seed": ("--seed", 0), "init_from": ("--init-from", None),
+    flags = {"width": ("--width", 1.0), "seed": ("--seed", 0), "init_from": ("--init-from", DEFAULT_INIT),
              "run_tag": ("--run-tag", "")}
     return "".join(f" {flag} {identity[key]}" for key, (flag, default) in flags.items()
                    if identity and identity.get(key, default) not in (default, None))

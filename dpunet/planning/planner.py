@@ -10,7 +10,8 @@ import dpunet
 from dpunet.dataset.msd import TaskInfo
 from dpunet.planning import memory
 from dpunet.planning.augmentation import default_augmentation_params
-from dpunet.planning.dp_plan import DEFAULTS, plan_dp_block, training_defaults
+from dpunet.planning.dp_plan import (DEFAULTS, default_pretraining_source, plan_dp_block,
+                                     training_defaults)
 from dpunet.planning.splits import DEFAULT_SPLIT_SCHEME, make_splits
 from dpunet.planning.topology import (features_per_stage, fullres_target_spacing, initial_patch_size,
                                       plan_topology)
@@ -115,7 +116,8 @@ def _configuration(name: str, spacing: list[float], median_shape: list[float], t
         "augmentation": _augmentation(topo.patch_size, anisotropic),
         "mirror_axes": list(range(dim)),
         "dp": dp_block,
-        "training": training_defaults(dp_block["private"], dim),
+        "training": training_defaults(dp_block["private"], dim, *default_pretraining_source(
+            task.name, str(task.raw.get("description", "")), task.channel_names.values(), task.labels.values())),
         "notes": net["notes"],
     }
 

@@ -34,3 +34,13 @@ def load_training_inputs(task_arg: str | int, configuration: str
                           f"(planned: {', '.join(plans['configurations'])})")
     splits = load_json(preprocessed_root() / task_name / "splits_final.json")
     return task_name, plans, plans["configurations"][configuration], splits, load_preprocessed_task(task_name)
+
+
+def planned_init_from(task_name: str, configuration: str) -> str | None:
+    """The public pretraining source the plan starts `configuration` from (what a run trained without
+    --init-from used, hence part of its folder name); None without a plan or an entry."""
+    plans_path = preprocessed_root() / task_name / "dpunet_plans.json"
+    if not plans_path.is_file():
+        return None
+    entry = load_json(plans_path)["configurations"].get(configuration, {})
+    return entry.get("training", {}).get("init_from")

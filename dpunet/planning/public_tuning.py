@@ -133,8 +133,9 @@ TUNABLE_WORDS = {"learning_rate": "the learning rate", "steps": "the number of s
 def public_tuning_statement(path: str | Path, sha256: str, proxy_source: str, task_name: str,
                             tuned: list[str] | tuple[str, ...] = ("learning_rate",)) -> str:
     """The privacy report's hyperparameter sentence for hyperparameters taken from a public tuning file."""
-    others = (f"The plan's pretraining length was chosen on private validation data of THIS task ({DEFAULTS_TUNING}): "
-              f"that default, if used, is not covered; neither is any tuning you did on private data"
+    others = (f"The plan's pretraining length and start were chosen on private data of THIS task "
+              f"({DEFAULTS_TUNING}): those defaults, if used, are not covered; neither is any tuning you did on "
+              f"private data"
               if task_name == DEFAULTS_TUNED_ON_TASK else
               "Any tuning you did on private data of this task is not covered by the guarantee")
     words = [TUNABLE_WORDS[k] for k in tuned]

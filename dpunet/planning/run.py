@@ -47,5 +47,8 @@ def print_plan_summary(plans: dict[str, Any]) -> None:
         print(f"    dp: eps {dp['epsilon']} delta {dp['delta']} N {dp['num_patients']} q {dp['sample_rate']:.3f} "
               f"K {dp['patches_per_patient']} T {dp['steps']} sigma {dp['noise_multiplier']:.3f} "
               f"noise/signal {dp['noise_to_signal']:.4f}")
+        training = c.get("training", {})
+        if training.get("init_from"):
+            print(f"    start: pretrained on {training['init_from']} ({training.get('init_from_rule', '')})")
         for w in dp["warnings"]:
             print(f"    WARNING: {w}")

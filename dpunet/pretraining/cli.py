@@ -4,9 +4,10 @@
 Pretrains the task's planned network, non-privately, on public data (no patient data, no privacy cost): images
 of random processes (random_images), synthetic brain MR images from the public MNI152 template
 (synthetic_brain), or synthetic hippocampus crops from the same template labelled by a published anatomical
-prior (synthetic_hippocampus). dpunet_train does this itself with --init-from (random_images is the plan
-default); this command makes the checkpoint ahead of time, or with other settings for dpunet_train --init-from FILE
-(same -c, --arch, --width and network options: --dp-norm, --norm-groups, --output-stride, --encoder-depth).
+prior (synthetic_hippocampus). Without --init-from it pretrains on the plan's source (synthetic_hippocampus
+for an MR hippocampus task, else random_images). dpunet_train does this itself; this command makes the
+checkpoint ahead of time, or with other settings for dpunet_train --init-from FILE (same -c, --arch, --width
+and network options: --dp-norm, --norm-groups, --output-stride, --encoder-depth).
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainingConfig()
     p.add_argument("task", help="task id (4) or name (Task04_Hippocampus)")
     p.add_argument("-c", "--configuration", default=None, help="plan configuration (default 3d_fullres, else 2d)")
-    p.add_argument("--init-from", "--source", dest="source", default=defaults.source, choices=list(PUBLIC_SOURCES),
-                   help="public data to pretrain on (random_images); synthetic_brain and synthetic_hippocampus "
-                        "download the MNI152 template once (documentation/pretraining.md)")
+    p.add_argument("--init-from", "--source", dest="source", default=None, choices=list(PUBLIC_SOURCES),
+                   help="public data to pretrain on (the plan's training.init_from); synthetic_brain and "
+                        "synthetic_hippocampus download the MNI152 template once (documentation/pretraining.md)")
     p.add_argument("--arch", default=defaults.arch, help="architecture, as for dpunet_train (list: dpunet_archs)")
     p.add_argument("--width", type=float, default=defaults.width, help="width multiplier, as for dpunet_train")
     p.add_argument("--dp-norm", default=defaults.dp_norm, choices=["group", "instance"],
@@ -62,6 +63,12 @@ def network_options(cfg: PretrainingConfig) -> str:
     return "".join(f" {option} {value}" for option, value, default in pairs if value != default)
 
 
+def _planned_source(plan_training: dict, fallback: str) -> str:
+    """The plan's public source; plans whose start is not a public source (none, a file) pretrain on `fallback`."""
+    source = plan_training.get("init_from")
+    return source if source in PUBLIC_SOURCES else fallback
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=args.learning_rate or plan.get("pretraining_learning_rate", fallback.learning_rate),
         deep_supervision=args.deep_supervision, seed=args.seed, device=device, dp_norm=args.dp_norm,
         norm_groups=args.norm_groups, output_stride=args.output_stride, encoder_depth=args.encoder_depth,
-        source=args.source)
+        source=args.source or _planned_source(plan, fallback.source))
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise DpunetError("--steps and --batch-size must be at least 1")
     output = args.output or pretrained_checkpoint_path(task_name, configuration, cfg)

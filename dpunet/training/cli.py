@@ -42,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
                    help="parameters DP-SGD updates; the rest keep their seeded initialisation (all)")
     p.add_argument("--init-from", default=None, metavar=INIT_FROM_METAVAR,
-                   help="initial weights: the planned network pretrained on random-process images (random_images, "
-                        "plan default), on synthetic brain MR images from the public MNI152 template "
-                        "(synthetic_brain) or on synthetic hippocampus crops labelled by a published anatomical "
-                        "prior (synthetic_hippocampus; both made once per task and cached), a random "
-                        "initialisation (none), or a "
-                        "checkpoint trained on public data; the privacy report lists them")
+                   help="initial weights, by default the plan's training.init_from (synthetic_hippocampus where "
+                        "dataset.json declares MR images of the hippocampus, else random_images): the planned "
+                        "network pretrained on random-process images (random_images), on synthetic brain MR images "
+                        "from the public MNI152 template (synthetic_brain) or on synthetic hippocampus crops "
+                        "labelled by a published anatomical prior (synthetic_hippocampus), each made once per task "
+                        "and cached; a random initialisation (none); or a checkpoint trained on public data. The "
+                        "privacy report lists them")
     p.add_argument("--pretraining-steps", type=int, default=None,
                    help="steps of that pretraining (plan default: 1500 in 2D, 600 in 3D)")
     p.add_argument("--steps", type=int, default=None, help="DP-SGD steps T (plan default)")

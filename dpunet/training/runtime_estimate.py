@@ -25,10 +25,10 @@ import torch
 
 # a run longer than this on a CPU gets the warning and the recommended CPU recipe
 CPU_WARNING_HOURS = 1.0
-# the reduced settings measured on a 2-core CPU (documentation/results.md, hippocampus): a recommendation,
-# never applied silently
+# the reduced settings of the five-fold CVs measured on a 2-core CPU (documentation/results.md, hippocampus: 2d
+# chosen on the public proxy, documentation/tuning.md): a recommendation, never applied silently
 CPU_RECIPES = {
-    2: "--width 0.25 --steps 300",
+    2: "--width 0.5 --steps 250 --patients-per-step 32",
     3: "--width 0.25 --steps 150 --patches-per-patient 1 --patients-per-step 32",
 }
 # a one-patient warm-up longer than this: time one patient only, so the estimate itself stays short (a real-size
