@@ -153,7 +153,8 @@ def test_a_failed_download_names_the_command_and_the_way_out(tmp_path, monkeypat
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found")
 
     monkeypatch.setattr(mni_template.subprocess, "run", failing_pip)
-    with pytest.raises(DpunetError, match=r"pip download nilearn==0\.14\.1 --no-deps.*failed.*DPUNET_MNI_DIR"):
+    with pytest.raises(DpunetError,
+                       match=r"pip download nilearn==0\.14\.1 --no-deps.*failed.*DPUNET_MNI_DIR.*--init-from random_images"):
         mni_template.fetch_mni_template(tmp_path / "cache")
     assert len(calls) == 1
 

@@ -88,7 +88,8 @@ def _download_into(cache: Path) -> None:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise DpunetError(f"MNI template: `{' '.join(command)}` failed (exit {done.returncode}: "
                               f"{' | '.join(tail)}); put the three files ({', '.join(_file_names())}) in a folder "
-                              f"and set DPUNET_MNI_DIR to it")
+                              f"and set DPUNET_MNI_DIR to it, or start from images of random processes instead "
+                              f"(--init-from random_images, which needs no download)")
         cache.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel) as archive:
             for name, _ in FILES.values():
