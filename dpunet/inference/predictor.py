@@ -32,6 +32,7 @@ from dpunet.inference.ensemble_privacy import (PATIENT_HASH_SOURCE, case_to_pati
                                                write_privacy_note)
 from dpunet.inference.sliding_window import predict_case
 from dpunet.paths import preprocessed_root, raw_root, resolve_task, results_root
+from dpunet.planning.plans import plans_file
 from dpunet.preprocessing.preprocessor import config_fingerprint
 from dpunet.release import (CHECKPOINT_FILE, MODEL_FILE, load_release, network_from_release, private_folder,
                             release_folder)
@@ -101,7 +102,7 @@ def _resolve_task_name(task: str | int) -> str:
 
 
 def _planned_configurations(task_name: str) -> list[str] | None:
-    plans = preprocessed_root() / task_name / "dpunet_plans.json"
+    plans = plans_file(task_name)
     return list(load_json(plans)["configurations"]) if plans.is_file() else None
 
 

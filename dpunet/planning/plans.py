@@ -1,6 +1,7 @@
 """Reading what planning wrote: dpunet_plans.json, a configuration entry and splits_final.json."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from dpunet.dataset.msd import TaskInfo
@@ -10,10 +11,15 @@ from dpunet.utils.errors import DpunetError
 from dpunet.utils.files import load_json
 
 
+def plans_file(task_name: str) -> Path:
+    """Where planning writes a task's dpunet_plans.json."""
+    return preprocessed_root() / task_name / "dpunet_plans.json"
+
+
 def load_plans(task_arg: str | int) -> tuple[str, dict[str, Any]]:
     """(task name, dpunet_plans.json) with a clear error when planning has not been run."""
     task_name = resolve_task(task_arg, preprocessed_root(), raw_root())
-    plans_path = preprocessed_root() / task_name / "dpunet_plans.json"
+    plans_path = plans_file(task_name)
     if not plans_path.is_file():
         raise DpunetError(f"{plans_path} not found: run dpunet_plan_and_preprocess -t {task_arg} first")
     return task_name, load_json(plans_path)
@@ -39,7 +45,7 @@ def load_training_inputs(task_arg: str | int, configuration: str
 def planned_init_from(task_name: str, configuration: str) -> str | None:
     """The public pretraining source the plan starts `configuration` from (what a run trained without
     --init-from used, hence part of its folder name); None without a plan or an entry."""
-    plans_path = preprocessed_root() / task_name / "dpunet_plans.json"
+    plans_path = plans_file(task_name)
     if not plans_path.is_file():
         return None
     entry = load_json(plans_path)["configurations"].get(configuration, {})

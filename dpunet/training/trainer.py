@@ -569,8 +569,8 @@ class DPTrainer:
                        f"(sigma {self.noise_multiplier:.2f} / {cfg.patients_per_step} patients x sqrt of "
                        f"{self.num_trained_parameters} trained parameters) against a signal of at most C: from a "
                        f"random initialisation expect little learning; start from pretrained weights (--init-from "
-                       f"random_images or the plan's default source), or train fewer parameters, raise epsilon or patients "
-                       f"(documentation/training.md, 'Will it learn?')")
+                       f"random_images or the plan's default source), or train fewer parameters, raise epsilon or "
+                       f"patients (documentation/training.md, 'Will it learn?')")
         last_save = time.monotonic()
         session_steps = 0
         self._open_loader()
