@@ -13,6 +13,7 @@ from dpunet.architectures import apply_preset, build_network, select_trainable
 from dpunet.architectures.classic_nets import CLASSIC_ARCHITECTURES
 from dpunet.architectures.monai_nets import MONAI_ARCHITECTURES
 from dpunet.architectures.trainable import NORM_TYPES, head_module_names
+from dpunet.utils.errors import DpunetError
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
               pytest.mark.usefixtures("single_thread")]
@@ -61,3 +62,39 @@ def test_bias_norm_head_trains_the_final_classifier_and_no_other_weight(name):
                        and not type(m).__name__.endswith("Norm")}
     assert trained_weights == expected_heads
     assert expected_heads <= head_module_names(net)
+
+
+def _weight_layers(net: nn.Module) -> set[str]:
+    return {n for n, m in net.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+
+
+@pytest.mark.parametrize("name", ["unet", "resenc_scalenorm"] + sorted(CLASSIC_ARCHITECTURES))
+def test_decoder_subset_freezes_the_weights_a_forward_runs_first(name):
+    """Oracle: a forward runs the encoder before anything else, so the frozen weight layers must be exactly a
+    prefix of the execution order, and the trained ones the rest."""
+    torch.manual_seed(0)
+    spec = apply_preset(plan_arch(2), name, 0.125, [32, 32])
+    net = build_network(spec, 1, NUM_CLASSES, False)
+    layers = _weight_layers(net)
+    executed: list[str] = []
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: executed.append(n))
+               for n, m in net.named_modules() if n in layers]
+    with torch.no_grad():
+        net(torch.randn(1, 1, 32, 32))
+    for h in handles:
+        h.remove()
+    order = list(dict.fromkeys(executed))
+    assert set(order) == layers
+    trained = select_trainable(net, "decoder")
+    frozen = [n for n in order if not net.get_submodule(n).weight.requires_grad]
+    assert frozen and frozen == order[:len(frozen)]
+    assert all(p.requires_grad for n, p in net.named_parameters() if n.endswith(".bias"))
+    assert 0.05 * sum(p.numel() for p in net.parameters()) < trained < sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", ["segresnet", "monai_unet"])
+def test_decoder_subset_refuses_networks_without_an_encoder_module(name):
+    spec = apply_preset(plan_arch(2), name, 0.125, [32, 32])
+    net = build_network(spec, 1, NUM_CLASSES, False)
+    with pytest.raises(DpunetError, match="--trainable decoder needs a network with an 'encoder' submodule"):
+        select_trainable(net, "decoder")

@@ -13,6 +13,7 @@ import torch
 
 from dataset_conversion.generate_synthetic import generate_synthetic_task
 from dpunet.privacy.accounting import epsilon_spent
+from dpunet.privacy.public_subspace import project_onto_basis
 from dpunet.training.config import merge_plan_and_options
 from dpunet.training.trainer import DPTrainer, load_training_inputs
 from dpunet.utils.errors import DpunetError
@@ -109,8 +110,9 @@ def test_2d_configuration_trains(env, tmp_path):
     assert (trainer.output_dir / "release" / "model_release.pt").is_file()
 
 
-def test_trained_subset_leaves_frozen_weights_at_their_seeded_values(env, tmp_path):
-    trainer = make_trainer(tmp_path, configuration="2d", steps=2, trainable="bias_norm_head", engine="fast")
+@pytest.mark.parametrize("subset", ["bias_norm_head", "decoder"])
+def test_trained_subset_leaves_frozen_weights_at_their_seeded_values(env, tmp_path, subset):
+    trainer = make_trainer(tmp_path, configuration="2d", steps=2, trainable=subset, engine="fast")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.run()
     after = trainer.model.state_dict()
@@ -120,11 +122,46 @@ def test_trained_subset_leaves_frozen_weights_at_their_seeded_values(env, tmp_pa
     assert all(torch.equal(after[n], before[n]) for n in frozen)
     assert any(not torch.equal(after[n], before[n]) for n in trained)
     report = json.loads((trainer.output_dir / "release" / "privacy_report.json").read_text())
-    assert report["extra"]["trainable_subset"] == "bias_norm_head"
+    assert report["extra"]["trainable_subset"] == subset
     trained_count = sum(trainer.model.get_parameter(n).numel() for n in trained)
     assert report["extra"]["trained_parameters"] == trained_count
     assert report["extra"]["noise_norm_per_step_in_units_of_C"] == pytest.approx(
         trainer.noise_multiplier * math.sqrt(trained_count) / trainer.cfg.patients_per_step)
+
+
+def _one_sgd_step(tmp_path, **options):
+    trainer = make_trainer(tmp_path, configuration="2d", engine="fast", insecure_reproducible_noise=True,
+                           optimizer="sgd", momentum=0.0, learning_rate=0.1, warmup_steps=0, lr_schedule="constant",
+                           ema_decay=0.0, **options)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run(stop_after_steps=1)
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    delta = torch.cat([(trainer.model.state_dict()[n] - before[n]).reshape(-1) for n in names])
+    return trainer, before, delta
+
+
+def test_projected_step_is_the_projection_of_the_same_dp_release(env, tmp_path):
+    plain, before, delta_plain = _one_sgd_step(tmp_path / "plain")
+    projected, before_p, delta_projected = _one_sgd_step(tmp_path / "projected", public_subspace=3,
+                                                     public_subspace_batch=2)
+    assert all(torch.equal(before[k], before_p[k]) for k in before)
+    assert plain.noise_multiplier == projected.noise_multiplier
+    basis = projected.public_subspace.basis(before_p, 0)
+    assert basis.shape[1] == 3
+    oracle = project_onto_basis([delta_plain], basis)[0]
+    assert torch.allclose(delta_projected, oracle, rtol=1e-4, atol=1e-7)
+    assert delta_projected.norm() < 0.5 * delta_plain.norm()  # 3 of thousands of directions kept
+
+
+def test_public_subspace_run_reports_its_public_data(env, tmp_path):
+    trainer = make_trainer(tmp_path, configuration="2d", steps=2, engine="fast", public_subspace=2,
+                           public_subspace_batch=2)
+    trainer.run()
+    report = json.loads((trainer.output_dir / "release" / "privacy_report.json").read_text())
+    assert report["extra"]["public_subspace_dimension"] == 2
+    public = " ".join(report["public_data_and_priors"])
+    assert "public gradient subspace (--public-subspace 2)" in public and "random processes" in public
+    assert report["epsilon"]["prv"] <= 8.0 + 1e-6
 
 
 def _comparable(report: dict) -> dict:

@@ -71,8 +71,10 @@ def plan_dp_block(num_patients: int, epsilon: float, delta: float = DEFAULTS["de
 # the private data the plan's DP defaults were chosen on (documentation/results.md): reports say so on this task
 DEFAULTS_TUNED_ON_TASK = "Task04_Hippocampus"
 DEFAULTS_TUNING = ("the DP learning rate (1e-2) and the pretraining length (1500 steps in 2D, 600 in 3D) were "
-                   "chosen by comparing a handful of runs on the fold-0 validation Dice of Task04_Hippocampus, and "
-                   "the hippocampus prior became the default start of MR hippocampus tasks after its five-fold "
+                   "chosen by comparing a handful of runs on the fold-0 validation Dice of Task04_Hippocampus (in "
+                   "2D the public proxy tuning later chose the same learning rate from both public starts and the "
+                   "same pretraining length, documentation/tuning.md; the 3D values have no public confirmation), "
+                   "and the hippocampus prior became the default start of MR hippocampus tasks after its five-fold "
                    "cross-validation on Task04_Hippocampus beat random images")
 
 
@@ -125,7 +127,8 @@ def training_defaults(private: bool, dim: int = 3, init_from: str = "random_imag
         raise ValueError(f"unknown public pretraining source {init_from!r}")
     return {
         "optimizer": "adam",
-        # measured on hippocampus at epsilon 8, fine-tuning the pretrained net: 1e-2 beat 1e-3, 3e-3 and 3e-2
+        # measured on hippocampus at epsilon 8, fine-tuning the pretrained net: 1e-2 beat 1e-3, 3e-3 and 3e-2; the
+        # 2d public proxy tuning chose it from both public starts (documentation/tuning.md)
         "learning_rate": 1e-2 if private else 1e-3,
         "momentum": 0.9,
         "weight_decay": 0.0,

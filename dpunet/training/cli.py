@@ -11,7 +11,7 @@ import argparse
 import json
 
 from dpunet.architectures import TRAINABLE_SUBSETS
-from dpunet.planning.dp_plan import INIT_FROM_METAVAR
+from dpunet.planning.dp_plan import INIT_FROM_METAVAR, PUBLIC_PRETRAINING_SOURCES
 from dpunet.utils.arguments import parse_epsilon
 from dpunet.utils.errors import cli_entry
 
@@ -40,7 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classic families' encoder: ResNet-18-like (18: 2, 2, 2, 2 blocks per stage) or "
                         "ResNet-34-like (34: 3, 4, 6, 3)")
     p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
-                   help="parameters DP-SGD updates; the rest keep their seeded initialisation (all)")
+                   help="parameters DP-SGD updates; the rest keep their initial weights, pretrained or seeded (all; "
+                        "bias_norm_head: biases, norms and heads; decoder: all but the encoder's weights)")
+    p.add_argument("--public-subspace", type=int, default=None, metavar="K",
+                   help="project every noisy gradient onto the span of K gradients of public data at the current "
+                        "weights: keeps sqrt(K/d) of the noise norm and the part of the signal in that span; "
+                        "post-processing of the DP release, so no privacy cost (0: off, the default)")
+    p.add_argument("--public-subspace-batch", type=int, default=None, metavar="B",
+                   help="public samples per public gradient of --public-subspace (4)")
+    p.add_argument("--public-subspace-source", default=None, choices=list(PUBLIC_PRETRAINING_SOURCES),
+                   help="public generator of --public-subspace's samples (the run's --init-from when it names "
+                        "one, else random_images)")
     p.add_argument("--init-from", default=None, metavar=INIT_FROM_METAVAR,
                    help="initial weights, by default the plan's training.init_from (synthetic_hippocampus where "
                         "dataset.json declares MR images of the hippocampus, else random_images): the planned "

@@ -36,6 +36,12 @@ class TrainingConfig:
     pretraining_steps: int = PRETRAINING_DEFAULTS.steps
     pretraining_batch_size: int = PRETRAINING_DEFAULTS.batch_size
     pretraining_learning_rate: float = PRETRAINING_DEFAULTS.learning_rate
+    # project each noisy gradient onto the span of this many public gradients (0: off; post-processing, no
+    # privacy cost; dpunet.privacy.public_subspace), each over this many samples of a public source (default:
+    # the run's init_from when it names one, else random_images)
+    public_subspace: int = 0
+    public_subspace_batch: int = 4
+    public_subspace_source: str | None = None
     epsilon: float = 8.0
     delta: float = 1e-5
     steps: int = 500

@@ -36,6 +36,7 @@ from dpunet.planning.dp_plan import hyperparameter_statement
 from dpunet.planning.public_tuning import public_tuning_statement
 from dpunet.planning.splits import fold_cases, split_statement
 from dpunet.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, check_delta
+from dpunet.privacy.public_subspace import PublicGradientSubspace
 from dpunet.privacy.dp_step import assign_gradients, noise_norm_on_mean_gradient, noisy_average_gradient
 from dpunet.privacy.engines.base import PatientBatch
 from dpunet.privacy.engines.registry import benchmark_engines, make_engine
@@ -43,7 +44,7 @@ from dpunet.privacy.randomness import PrivateRandomness
 from dpunet.privacy.report import build_privacy_report, render_privacy_report_markdown
 from dpunet.privacy.sampling import PoissonPatientSampler
 from dpunet.release import CHECKPOINT_FILE, private_folder, release_folder, write_release
-from dpunet.pretraining.sources import is_public_source
+from dpunet.pretraining.sources import RANDOM_IMAGES, is_public_source, public_source
 from dpunet.pretraining.pretrain import pretrain_on_public_data, pretrained_checkpoint_path
 from dpunet.learning.checkpoint import load_checkpoint, save_checkpoint
 from dpunet.training.config import TrainingConfig, pretraining_config
@@ -76,7 +77,8 @@ NOISE_NORM_WARNING = 2.0
 DEFAULT_MEMORY_GB = 16.0
 # options that shape the weights or the optimiser state a checkpoint holds
 RESUME_FIXED_OPTIONS = ("arch", "width", "dp_norm", "norm_groups", "output_stride", "encoder_depth", "trainable",
-                        "init_from", "pretraining_steps", "deep_supervision", "optimizer",
+                        "init_from", "pretraining_steps", "deep_supervision", "optimizer", "public_subspace",
+                        "public_subspace_batch", "public_subspace_source",
                         # the report's hyperparameter statement names the tuning file the learning rate came from
                         "public_tuning")
 
@@ -222,6 +224,36 @@ class DPTrainer:
         self.optimizer = make_optimizer(cfg.optimizer, self.engine.params, cfg.learning_rate, cfg.momentum,
                                         cfg.weight_decay)
         self.ema = WeightEMA(self.model, cfg.ema_decay)
+        self.public_subspace = self._public_subspace() if cfg.public_subspace else None
+
+    def _public_subspace(self) -> PublicGradientSubspace:
+        """--public-subspace: the span of public gradients each noisy gradient is projected onto."""
+        cfg = self.cfg
+        if cfg.public_subspace < 0 or cfg.public_subspace_batch < 1:
+            raise DpunetError(f"--public-subspace must be >= 0 (got {cfg.public_subspace}) and "
+                              f"--public-subspace-batch >= 1 (got {cfg.public_subspace_batch})")
+        if distributed.is_distributed():
+            # each rank would compute its own basis, and GPU backward passes are not bitwise reproducible: the
+            # replicas would drift apart
+            raise DpunetError("--public-subspace is not supported in distributed (torchrun) runs yet")
+        source = cfg.public_subspace_source or (cfg.init_from if is_public_source(cfg.init_from) else RANDOM_IMAGES)
+        make_batch, description = public_source(source, "--public-subspace-source").load_batches()
+        shadow = build_network(self.arch, self.task.num_channels, self.num_classes, cfg.deep_supervision)
+        select_trainable(shadow, cfg.trainable)
+        n_out, strides = supervision_levels(self.arch, cfg.deep_supervision, self.plan_config["dim"])
+        # the public samples are independent images: no pooling of patches per patient
+        loss = SegmentationLoss(self.num_classes, None, deep_supervision_weights(max(1, n_out)),
+                                dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight,
+                                include_background_in_dice=self.task.background_label is None)
+
+        def loss_on_batch(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            targets = downsample_seg_for_deep_supervision(labels.cpu(), strides, n_out)
+            return loss(net(images), [t.to(images.device) for t in targets])
+
+        return PublicGradientSubspace(shadow.to(self.device), make_batch, loss_on_batch,
+                                      list(self.plan_config["patch_size"]), self.task.num_channels,
+                                      self.num_classes, cfg.public_subspace, cfg.public_subspace_batch, cfg.seed,
+                                      description.format(seed=f"{cfg.seed} and the step"))
 
     def _memory_budget_bytes(self) -> tuple[float, str]:
         """(bytes, how it was set): the plan's memory budget and, on CUDA, at most the device's free memory."""
@@ -296,7 +328,7 @@ class DPTrainer:
             self.engine.accumulate(batches[patients])
 
         timing = time_micro_batch(accumulate, micro_batch, self.device)
-        del batches
+        batches.clear()  # frees the shape-only tensors (the closure above keeps the dict itself)
         self.engine.zero()
         planning = 0.0
         if getattr(self.engine, "plans_per_shape", False):  # every new micro-batch size is planned again
@@ -420,6 +452,8 @@ class DPTrainer:
         grads = noisy_average_gradient(self.engine.summed_grad, self.noise_multiplier,
                                        cfg.clip_norm if cfg.private else None, cfg.patients_per_step,
                                        self.randomness.torch_generator("noise", step_index, self.device))
+        if self.public_subspace is not None:  # post-processing of the release above: no privacy cost
+            grads = self.public_subspace.project(grads, self.model.state_dict(), step_index)
         lr = cfg.learning_rate * lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -661,11 +695,20 @@ class DPTrainer:
 
     def public_data(self) -> list[str]:
         if self.initial_weights is None:
-            return ["none (no pretraining, no public data)"]
-        w = self.initial_weights
-        return [f"initial weights {w['path']} (weights sha256 {w['weights_sha256']}): trained on {w['trained_on']}; "
-                f"{w['tensors_copied']} tensors copied, {len(w['tensors_kept_at_initialisation'])} kept at their "
-                f"seeded initialisation"]
+            used = ["none (no pretraining, no public data)"]
+        else:
+            w = self.initial_weights
+            used = [f"initial weights {w['path']} (weights sha256 {w['weights_sha256']}): trained on "
+                    f"{w['trained_on']}; {w['tensors_copied']} tensors copied, "
+                    f"{len(w['tensors_kept_at_initialisation'])} kept at their seeded initialisation"]
+        if self.public_subspace is not None:
+            sub = self.public_subspace
+            used = [] if self.initial_weights is None else used
+            used.append(f"public gradient subspace (--public-subspace {sub.dimension}): every noisy gradient was "
+                        f"projected onto the span of {sub.dimension} gradients of {sub.batch_size} public samples "
+                        f"each at the current weights, from {sub.description}; post-processing of the DP release, "
+                        f"no privacy cost")
+        return used
 
     def write_release(self, report: dict[str, Any]) -> None:
         """release/: the model file (inference weights and what prediction needs) and the privacy report."""
@@ -739,6 +782,7 @@ class DPTrainer:
                    "num_cases": len(self.train_cases), "engine": self.engine.name,
                    "trained_parameters": self.num_trained_parameters, "trainable_subset": cfg.trainable,
                    "noise_norm_per_step_in_units_of_C": self.noise_norm_per_step(),
+                   "public_subspace_dimension": cfg.public_subspace,
                    "model_for_inference": "EMA of the weights at the final step" if cfg.evaluate_ema
                    else "weights at the final step"},
         )
