@@ -161,6 +161,7 @@ def test_public_subspace_run_reports_its_public_data(env, tmp_path):
     assert report["extra"]["public_subspace_dimension"] == 2
     public = " ".join(report["public_data_and_priors"])
     assert "public gradient subspace (--public-subspace 2)" in public and "random processes" in public
+    assert "seed drawn per step" in public  # a released file names the generator, never the run's seed
     assert report["epsilon"]["prv"] <= 8.0 + 1e-6
 
 

@@ -253,7 +253,8 @@ class DPTrainer:
         return PublicGradientSubspace(shadow.to(self.device), make_batch, loss_on_batch,
                                       list(self.plan_config["patch_size"]), self.task.num_channels,
                                       self.num_classes, cfg.public_subspace, cfg.public_subspace_batch, cfg.seed,
-                                      description.format(seed=f"{cfg.seed} and the step"))
+                                      # the report is released: it names the generator, not the run's seed
+                                      description.format(seed="drawn per step"))
 
     def _memory_budget_bytes(self) -> tuple[float, str]:
         """(bytes, how it was set): the plan's memory budget and, on CUDA, at most the device's free memory."""
