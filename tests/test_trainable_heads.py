@@ -98,3 +98,19 @@ def test_decoder_subset_refuses_networks_without_an_encoder_module(name):
     net = build_network(spec, 1, NUM_CLASSES, False)
     with pytest.raises(DpunetError, match="--trainable decoder needs a network with an 'encoder' submodule"):
         select_trainable(net, "decoder")
+
+
+@pytest.mark.parametrize("name", ["unet", "dynunet", "segresnet", "deeplabv3plus"])
+def test_head_subset_trains_exactly_the_executed_class_outputs(name):
+    """`--trainable head` / `--probe-trainable head`: weights and biases of the class-output layers, nothing else."""
+    torch.manual_seed(0)
+    spec = apply_preset(plan_arch(2), name, 0.125, [32, 32])
+    patch = spec.get("patch_size") or [32, 32]
+    deep_supervision = name in ("unet", "dynunet")
+    net = build_network(spec, 1, NUM_CLASSES, deep_supervision)
+    executed = _executed_class_convs(net, torch.randn(1, 1, *patch))
+    expected = set(executed) if deep_supervision else {executed[-1]}
+    trained = select_trainable(net, "head")
+    owners = {n for n, m in net.named_modules() for p in m.parameters(recurse=False) if p.requires_grad}
+    assert owners == expected
+    assert trained == sum(p.numel() for n in expected for p in net.get_submodule(n).parameters(recurse=False))

@@ -312,3 +312,42 @@ def test_run_time_is_estimated_before_training_and_max_hours_refuses(env, tmp_pa
     with pytest.raises(DpunetError, match=r"--max-hours 1e-09: estimated wall time on cpu: .* steps fit \(--steps 0\)"):
         make_trainer(tmp_path / "refused", max_hours=1e-9)
     assert not (tmp_path / "refused").exists()
+
+
+def test_probe_phase_trains_only_the_heads_then_every_parameter_at_the_same_account(env, tmp_path):
+    # functorch: the fast engine picks its per-layer strategy by timing, which may move the last bit
+    common = dict(configuration="2d", engine="functorch", insecure_reproducible_noise=True)
+    probed = make_trainer(tmp_path / "probe", probe_steps=2, probe_trainable="head", **common)
+    before = {k: v.clone() for k, v in probed.model.state_dict().items()}
+    assert probed.run(stop_after_steps=2) is None  # interrupted exactly at the phase boundary
+    heads = {n for n, _ in probed.model.named_parameters() if n.startswith("decoder.heads.")}
+    after_probe = probed.model.state_dict()
+    assert heads and all(not torch.equal(after_probe[n], before[n]) for n in heads)
+    assert all(torch.equal(after_probe[n], before[n]) for n, _ in probed.model.named_parameters() if n not in heads)
+
+    resumed = make_trainer(tmp_path / "probe", probe_steps=2, probe_trainable="head", **common)
+    resumed.run(resume=True)
+    straight = make_trainer(tmp_path / "straight", probe_steps=2, probe_trainable="head", **common)
+    straight.run()
+    for key, value in straight.model.state_dict().items():  # resuming across the boundary changes nothing
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+    final = straight.model.state_dict()
+    encoder = [n for n, _ in straight.model.named_parameters() if n.startswith("encoder.")]
+    assert encoder and all(not torch.equal(final[n], after_probe[n]) for n in encoder)
+
+    plain = make_trainer(tmp_path / "plain", **common)
+    assert plain.noise_multiplier == straight.noise_multiplier  # every step is the same Gaussian mechanism
+    report = json.loads((straight.output_dir / "release" / "privacy_report.json").read_text())
+    assert report["steps_taken"] == STEPS and report["epsilon"]["prv"] <= 8.0 + 1e-6
+    assert report["extra"]["probe_steps"] == 2 and report["extra"]["probe_trainable"] == "head"
+    assert report["extra"]["probe_trained_parameters"] == sum(
+        straight.model.get_parameter(n).numel() for n in heads)
+
+
+def test_probe_steps_refuse_impossible_settings(env, tmp_path):
+    with pytest.raises(DpunetError, match="--probe-steps must lie between"):
+        make_trainer(tmp_path / "a", configuration="2d", probe_steps=STEPS)
+    with pytest.raises(DpunetError, match="equals --trainable"):
+        make_trainer(tmp_path / "b", configuration="2d", probe_steps=1, probe_trainable="all")
+    with pytest.raises(DpunetError, match="cannot be combined"):
+        make_trainer(tmp_path / "c", configuration="2d", probe_steps=1, public_subspace=2)

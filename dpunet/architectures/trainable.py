@@ -72,6 +72,8 @@ TRAINABLE_SUBSETS = {
     "all": lambda module_name, module, param_name, heads: True,
     "bias_norm_head": _is_bias_norm_or_head,
     "decoder": _is_decoder_bias_or_norm,
+    # the 1x1 heads alone: a linear probe of the (public) features, e.g. the first phase of --probe-steps
+    "head": lambda module_name, module, param_name, heads: module_name in heads,
 }
 # subsets defined by a named submodule, which only some networks have
 SUBSETS_NEEDING_MODULE = {"decoder": "encoder"}

@@ -162,3 +162,12 @@ class SegmentationLoss(nn.Module):
         if n % k:
             raise DpunetError(f"{n} patches are not whole patients of {k} patches each")
         return per_patch.reshape(n // k, k, c).sum(1, keepdim=True).expand(n // k, k, c).reshape(n, c)
+
+
+def loss_on_labelled_images(loss: SegmentationLoss, net: nn.Module, images: Tensor, labels: Tensor,
+                            strides: Sequence[Sequence[int]], num_outputs: int) -> Tensor:
+    """Per-sample loss (B,) of `net` on independent labelled images (B, C, *S) / (B, 1, *S), e.g. public
+    samples: the labels are down-sampled for the deep-supervision outputs on the CPU, then moved to the
+    images' device."""
+    targets = downsample_seg_for_deep_supervision(labels.cpu(), strides, num_outputs)
+    return loss(net(images), [t.to(images.device) for t in targets])

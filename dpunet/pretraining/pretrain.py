@@ -24,7 +24,7 @@ from dpunet.architectures.classic_nets import DEFAULT_ENCODER_DEPTH, default_out
 from dpunet.paths import results_root
 from dpunet.pretraining.sources import RANDOM_IMAGES, public_source
 from dpunet.learning.checkpoint import save_checkpoint
-from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
+from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, loss_on_labelled_images
 from dpunet.learning.schedule import lr_factor, make_optimizer
 
 
@@ -94,9 +94,8 @@ def pretrain_on_public_data(plan_config: dict[str, Any], num_channels: int, num_
     model.train()
     for step in tqdm(range(cfg.steps), desc=f"pretrain on {cfg.source}", unit="step"):
         data, seg = make_batch(rng, cfg.batch_size, patch, num_channels, num_classes)
-        targets = downsample_seg_for_deep_supervision(torch.from_numpy(seg).long(), strides, n_out)
-        outputs = model(torch.from_numpy(data).to(cfg.device))
-        loss = loss_fn(outputs, [t.to(cfg.device) for t in targets]).mean()
+        loss = loss_on_labelled_images(loss_fn, model, torch.from_numpy(data).to(cfg.device),
+                                       torch.from_numpy(seg).long(), strides, n_out).mean()
         for group in optimizer.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(step, cfg.steps, cfg.warmup_steps, "cosine")
         optimizer.zero_grad(set_to_none=True)

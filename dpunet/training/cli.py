@@ -41,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "ResNet-34-like (34: 3, 4, 6, 3)")
     p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
                    help="parameters DP-SGD updates; the rest keep their initial weights, pretrained or seeded (all; "
-                        "bias_norm_head: biases, norms and heads; decoder: all but the encoder's weights)")
+                        "bias_norm_head: biases, norms and heads; decoder: all but the encoder's weights; head: the output heads)")
+    p.add_argument("--probe-steps", type=int, default=None, metavar="T1",
+                   help="phased fine-tuning (DP-RandP): the first T1 of the T DP-SGD steps train only "
+                        "--probe-trainable, then --trainable takes over with a fresh optimiser; every step has the "
+                        "same sigma, q and clip, so the account is that of T steps (0: off, the default)")
+    p.add_argument("--probe-trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
+                   help="parameters the --probe-steps phase trains (head: the 1x1 output heads, a private linear "
+                        "probe of the public features; or bias_norm_head)")
     p.add_argument("--public-subspace", type=int, default=None, metavar="K",
                    help="project every noisy gradient onto the span of K gradients of public data at the current "
                         "weights: keeps sqrt(K/d) of the noise norm and the part of the signal in that span; "

@@ -32,6 +32,10 @@ class TrainingConfig:
     output_stride: int | None = None
     encoder_depth: int = DEFAULT_ENCODER_DEPTH
     trainable: str = "all"
+    # DP-RandP's phased fine-tuning: the first probe_steps of the T steps train only the probe_trainable subset
+    # (a private probe of the public features), the rest `trainable`; same sigma, q and C on every step
+    probe_steps: int = 0
+    probe_trainable: str = "head"
     init_from: str = "none"
     pretraining_steps: int = PRETRAINING_DEFAULTS.steps
     pretraining_batch_size: int = PRETRAINING_DEFAULTS.batch_size

@@ -17,6 +17,7 @@ import contextlib
 import math
 import time
 from collections import deque
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -53,7 +54,8 @@ from dpunet.training.dataloading import PatientPatchSampler, PreprocessedCaseSto
 from dpunet.training.loader_workers import BackgroundPatientLoader
 from dpunet.training.ema import WeightEMA
 from dpunet.training.initialisation import load_initial_weights
-from dpunet.learning.loss import SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision
+from dpunet.learning.loss import (SegmentationLoss, deep_supervision_weights, downsample_seg_for_deep_supervision,
+                                  loss_on_labelled_images)
 from dpunet.training.progress import TrainingLog, plot_progress
 from dpunet.training.runtime_estimate import (RunTimeEstimate, best_seconds, cpu_advice, describe_estimate,
                                               new_micro_batch_sizes, new_size_seconds, time_micro_batch)
@@ -78,7 +80,7 @@ DEFAULT_MEMORY_GB = 16.0
 # options that shape the weights or the optimiser state a checkpoint holds
 RESUME_FIXED_OPTIONS = ("arch", "width", "dp_norm", "norm_groups", "output_stride", "encoder_depth", "trainable",
                         "init_from", "pretraining_steps", "deep_supervision", "optimizer", "public_subspace",
-                        "public_subspace_batch", "public_subspace_source",
+                        "public_subspace_batch", "public_subspace_source", "probe_steps", "probe_trainable",
                         # the report's hyperparameter statement names the tuning file the learning rate came from
                         "public_tuning")
 
@@ -211,6 +213,9 @@ class DPTrainer:
                                         dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight,
                                         include_background_in_dice=self.task.background_label is None,
                                         patches_per_patient=cfg.patches_per_patient)
+        self.probe_trained_parameters = self._check_probe()
+        self.trained_subset = self._subset_at(0)
+        select_trainable(self.model, self.trained_subset)
         self.engine = make_engine(cfg.engine if cfg.private else "nonprivate", self.model, self.loss_fn,
                                   cfg.clip_norm if cfg.private else None,
                                   benchmark_batch=self._shape_only_batch() if cfg.engine == "auto" else None)
@@ -225,6 +230,50 @@ class DPTrainer:
                                         cfg.weight_decay)
         self.ema = WeightEMA(self.model, cfg.ema_decay)
         self.public_subspace = self._public_subspace() if cfg.public_subspace else None
+
+    def _check_probe(self) -> int | None:
+        """--probe-steps: validated; the number of parameters its phase trains (None when off)."""
+        cfg = self.cfg
+        if cfg.probe_steps == 0:
+            return None
+        if not 0 < cfg.probe_steps < cfg.steps:
+            raise DpunetError(f"--probe-steps must lie between 0 and --steps {cfg.steps} (got {cfg.probe_steps})")
+        if cfg.probe_trainable == cfg.trainable:
+            raise DpunetError(f"--probe-trainable {cfg.probe_trainable} equals --trainable: the probe phase would "
+                              f"change nothing")
+        if cfg.public_subspace:
+            raise DpunetError("--probe-steps and --public-subspace cannot be combined (the public gradients are "
+                              "taken for one trained subset)")
+        if distributed.is_distributed():
+            raise DpunetError("--probe-steps is not supported in distributed (torchrun) runs yet")
+        trained = select_trainable(self.model, cfg.probe_trainable)
+        select_trainable(self.model, cfg.trainable)
+        if trained == 0:
+            raise DpunetError(f"--probe-trainable {cfg.probe_trainable} selects no parameter of --arch {cfg.arch}")
+        return trained
+
+    def _subset_at(self, step: int) -> str:
+        """The trained subset at `step`: --probe-trainable during the first --probe-steps, then --trainable."""
+        return self.cfg.probe_trainable if step < self.cfg.probe_steps else self.cfg.trainable
+
+    def _enter_phase_of(self, step: int) -> None:
+        """Switch the trained subset when `step` starts another phase of --probe-steps: a new engine over the
+        new parameters and, as between DP-RandP's phases, a fresh optimiser. The phase of every step is fixed by
+        the options (public), and every step is the same Gaussian mechanism, so the account is unchanged."""
+        subset = self._subset_at(step)
+        if subset == self.trained_subset:
+            return
+        engine_name = self.engine.name
+        self.engine.close()
+        select_trainable(self.model, subset)
+        self.trained_subset = subset
+        self.engine = make_engine(engine_name, self.model, self.loss_fn, self.cfg.clip_norm if self.cfg.private
+                                  else None)
+        self.optimizer = make_optimizer(self.cfg.optimizer, self.engine.params, self.cfg.learning_rate,
+                                        self.cfg.momentum, self.cfg.weight_decay)
+        if distributed.is_main_process():
+            tqdm.write(f"step {step}: --probe-steps phase over, now training --trainable {subset} "
+                       f"({self.num_trained_parameters} parameters)")
 
     def _public_subspace(self) -> PublicGradientSubspace:
         """--public-subspace: the span of public gradients each noisy gradient is projected onto."""
@@ -246,11 +295,8 @@ class DPTrainer:
                                 dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight,
                                 include_background_in_dice=self.task.background_label is None)
 
-        def loss_on_batch(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            targets = downsample_seg_for_deep_supervision(labels.cpu(), strides, n_out)
-            return loss(net(images), [t.to(images.device) for t in targets])
-
-        return PublicGradientSubspace(shadow.to(self.device), make_batch, loss_on_batch,
+        return PublicGradientSubspace(shadow.to(self.device), make_batch,
+                                      partial(loss_on_labelled_images, loss, strides=strides, num_outputs=n_out),
                                       list(self.plan_config["patch_size"]), self.task.num_channels,
                                       self.num_classes, cfg.public_subspace, cfg.public_subspace_batch, cfg.seed,
                                       # the report is released: it names the generator, not the run's seed
@@ -426,6 +472,7 @@ class DPTrainer:
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
+        self._enter_phase_of(self.step)
         self._draw_ahead()
         step_index, patients = self.pending.popleft()
         assert step_index == self.step, (step_index, self.step)
@@ -531,6 +578,8 @@ class DPTrainer:
             raise DpunetError(f"--continue with a changed model or optimiser ({detail}); start a new run instead")
         self.model.load_state_dict(state["weights"])
         self.ema.load_state_dict(state["ema"])
+        # the saved optimiser is the one of the last step taken; the next train_step switches phase if due
+        self._enter_phase_of(max(int(state["step"]) - 1, 0))
         self.optimizer.load_state_dict(state["optimizer"])
         self.ledger.load_state_dict(state["ledger"])
         self.step = int(state["step"])
@@ -784,6 +833,9 @@ class DPTrainer:
                    "trained_parameters": self.num_trained_parameters, "trainable_subset": cfg.trainable,
                    "noise_norm_per_step_in_units_of_C": self.noise_norm_per_step(),
                    "public_subspace_dimension": cfg.public_subspace,
+                   "probe_steps": cfg.probe_steps,
+                   "probe_trainable": cfg.probe_trainable if cfg.probe_steps else None,
+                   "probe_trained_parameters": self.probe_trained_parameters,
                    "model_for_inference": "EMA of the weights at the final step" if cfg.evaluate_ema
                    else "weights at the final step"},
         )
