@@ -73,7 +73,8 @@ DEFAULTS_TUNED_ON_TASK = "Task04_Hippocampus"
 DEFAULTS_TUNING = ("the DP learning rate (1e-2) and the pretraining length (1500 steps in 2D, 600 in 3D) were "
                    "chosen by comparing a handful of runs on the fold-0 validation Dice of Task04_Hippocampus (in "
                    "2D the public proxy tuning later chose the same learning rate from both public starts and the "
-                   "same pretraining length, documentation/tuning.md; the 3D values have no public confirmation), "
+                   "same pretraining length, and in 3D it chose the same learning rate from the hippocampus prior, "
+                   "documentation/tuning.md; the 3D pretraining length has no public confirmation), "
                    "and the hippocampus prior became the default start of MR hippocampus tasks after its five-fold "
                    "cross-validation on Task04_Hippocampus beat random images")
 
