@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ResNet-34-like (34: 3, 4, 6, 3)")
     p.add_argument("--trainable", default=None, choices=sorted(TRAINABLE_SUBSETS),
                    help="parameters DP-SGD updates; the rest keep their initial weights, pretrained or seeded (all; "
-                        "bias_norm_head: biases, norms and heads; decoder: all but the encoder's weights; head: the output heads)")
+                        "bias_norm_head: biases, norms and heads; decoder: all but the encoder's weights; head: the "
+                        "output heads)")
     p.add_argument("--probe-steps", type=int, default=None, metavar="T1",
                    help="phased fine-tuning (DP-RandP): the first T1 of the T DP-SGD steps train only "
                         "--probe-trainable, then --trainable takes over with a fresh optimiser; every step has the "

@@ -246,8 +246,7 @@ class DPTrainer:
                               "taken for one trained subset)")
         if distributed.is_distributed():
             raise DpunetError("--probe-steps is not supported in distributed (torchrun) runs yet")
-        trained = select_trainable(self.model, cfg.probe_trainable)
-        select_trainable(self.model, cfg.trainable)
+        trained = select_trainable(self.model, cfg.probe_trainable)  # the caller selects step 0's subset next
         if trained == 0:
             raise DpunetError(f"--probe-trainable {cfg.probe_trainable} selects no parameter of --arch {cfg.arch}")
         return trained
@@ -744,21 +743,19 @@ class DPTrainer:
         return summary
 
     def public_data(self) -> list[str]:
-        if self.initial_weights is None:
-            used = ["none (no pretraining, no public data)"]
-        else:
+        used = []
+        if self.initial_weights is not None:
             w = self.initial_weights
-            used = [f"initial weights {w['path']} (weights sha256 {w['weights_sha256']}): trained on "
-                    f"{w['trained_on']}; {w['tensors_copied']} tensors copied, "
-                    f"{len(w['tensors_kept_at_initialisation'])} kept at their seeded initialisation"]
+            used.append(f"initial weights {w['path']} (weights sha256 {w['weights_sha256']}): trained on "
+                        f"{w['trained_on']}; {w['tensors_copied']} tensors copied, "
+                        f"{len(w['tensors_kept_at_initialisation'])} kept at their seeded initialisation")
         if self.public_subspace is not None:
             sub = self.public_subspace
-            used = [] if self.initial_weights is None else used
             used.append(f"public gradient subspace (--public-subspace {sub.dimension}): every noisy gradient was "
                         f"projected onto the span of {sub.dimension} gradients of {sub.batch_size} public samples "
                         f"each at the current weights, from {sub.description}; post-processing of the DP release, "
                         f"no privacy cost")
-        return used
+        return used or ["none (no pretraining, no public data)"]
 
     def write_release(self, report: dict[str, Any]) -> None:
         """release/: the model file (inference weights and what prediction needs) and the privacy report."""
